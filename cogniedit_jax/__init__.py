@@ -1,0 +1,1 @@
+"""CogniEdit (dense GRPO + dynamic token focus) for Qwen-Image-Edit in JAX."""
