@@ -48,3 +48,19 @@ def transformer_inputs(model, img_shapes, valid_lengths, txt_len, seed=0):
         timestep=torch.linspace(0.9, 0.2, batch),
         img_shapes=[list(img_shapes)] * batch,
     )
+
+
+def to_jax_inputs(inputs: dict) -> dict:
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray(v.numpy()) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def convert_and_load(model, tmp_path, dtype=None, **runtime):
+    """The user's path for a real checkpoint: save_pretrained -> converter -> load_transformer."""
+    from cogniedit_jax.models import load_transformer
+    from cogniedit_jax.models.conversion import convert_transformer
+
+    model.save_pretrained(tmp_path / "diffusers")
+    convert_transformer(tmp_path / "diffusers", tmp_path / "converted", dtype=dtype, progress=False)
+    return load_transformer(tmp_path / "converted", **runtime)

@@ -87,7 +87,7 @@ class MMDiTConfig:
             # `pooled_projection_dim`); so do we, loudly.
             warnings.warn(f"transformer config fields ignored (diffusers ignores them too): {ignored}")
             config = {k: v for k, v in config.items() if k in arch}
-        if config.get("out_channels") is None:
+        if "out_channels" in config and config["out_channels"] is None:  # diffusers: None means in_channels
             config["out_channels"] = config.get("in_channels", cls.in_channels)
         if "axes_dims_rope" in config:
             config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
