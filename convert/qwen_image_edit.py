@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--transformer", required=True,
                         help="diffusers transformer folder: config.json + safetensors (single or sharded + index)")
     parser.add_argument("--out", required=True, help="output folder (transformer/ is written inside)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="cast to this dtype (default: keep the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -108,7 +108,7 @@ def test_bf16_close_to_diffusers_bf16(tmp_path):
     assert rel_err(ours, ref_fp32) < 1.5 * rel_err(ref_bf16, ref_fp32)
 
 
-@pytest.mark.parametrize("policy", ["none", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["none", "dots", "dots_no_batch"])  # vs the default "full"
 def test_remat_policies_agree(policy, tmp_path):
     model = tiny_transformer(seed=8)
     inputs = to_jax_inputs(transformer_inputs(model, [(1, 4, 6)], [9, 4], 9))

@@ -38,7 +38,7 @@ class MMDiTConfig:
     use_layer3d_rope: bool = False
     # How we run it (not in diffusers' config).
     dtype: str = "float32"
-    remat_policy: str = "dots_no_batch"
+    remat_policy: str = "full"
     attention_impl: str = "xla"
     rope_theta: float = 10000.0
     eps: float = 1e-6

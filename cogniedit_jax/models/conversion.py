@@ -1,12 +1,14 @@
 """diffusers `QwenImageTransformer2DModel` folder -> our converted folder, one tensor at a time.
 
-Peak host memory is one source tensor (and its transposed copy): each tensor is read from its
-memory-mapped shard, renamed, cast, transposed, and written at its final offset in the output file,
-where the stacked block parameters are laid out layer after layer.
+Peak host memory is about one source tensor (and its cast and transposed copies): each tensor is read
+from its shard, renamed, cast, transposed, and written at its final offset in the output file, where
+the stacked block parameters are laid out layer after layer.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,11 +19,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from cogniedit_jax.models import param_mapping
-from cogniedit_jax.models.config import MMDiTConfig
+from cogniedit_jax.models.config import DTYPES, MMDiTConfig
 from cogniedit_jax.models.loading import CONFIG_NAME, PARAMS_NAME, check_tensors
 
-_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                       np.dtype(ml_dtypes.bfloat16): "BF16"}
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+_SAFETENSORS_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
 
 
 class SafetensorsStreamWriter:
@@ -60,21 +62,58 @@ class SafetensorsStreamWriter:
             raise ValueError(f"{name}[{layer}]: got {array.shape} {array.dtype}, expected {expected} {dtype}")
         offset = self.offsets[name] + (0 if layer is None else layer * array.nbytes)
         self.file.seek(self.data_start + offset)
-        self.file.write(np.ascontiguousarray(array).data)
+        # As bytes: the buffer protocol has no bf16.
+        self.file.write(np.ascontiguousarray(array).view(np.uint8).data)
         self.written.add((name, layer))
 
     def close(self) -> None:
         self.file.close()
 
     def unwritten(self) -> list[str]:
-        """Tensors (or layers of them) never written: a bug in the caller's plan if not empty."""
-        return [f"{name}[{i}]" if i is not None else name for name, (shape, _) in self.layout.items()
-                for i in ([None] if (name, None) in self.written else range(shape[0]))
-                if (name, i) not in self.written]
+        """Tensors never written, and the missing layers of those written layer by layer: a bug in the
+        caller's plan if not empty."""
+        layers = collections.defaultdict(set)
+        for name, layer in self.written:
+            layers[name].add(layer)
+        missing = []
+        for name, (shape, _) in self.layout.items():
+            if not layers[name]:
+                missing.append(name)
+            elif None not in layers[name]:
+                missing += [f"{name}[{i}]" for i in range(shape[0]) if i not in layers[name]]
+        return missing
 
 
-def source_index(src: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, for a single-file or sharded (+ index) diffusers model folder."""
+@dataclasses.dataclass(frozen=True)
+class SourceTensor:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "F32", "BF16", ...
+
+
+def source_tensors(src: Path) -> dict[str, SourceTensor]:
+    """Every tensor of a single-file or sharded (+ index) diffusers model folder, from the files' headers."""
+    files, weight_map = _source_files(src)
+    found, problems = {}, []
+    for file in files:
+        with safe_open(file, "numpy") as f:
+            for k in f.keys():
+                if k in found:
+                    problems.append(f"{k} is in both {found[k].file.name} and {file.name}")
+                view = f.get_slice(k)
+                found[k] = SourceTensor(file, tuple(view.get_shape()), view.get_dtype())
+    if weight_map is not None:
+        # The converter reads what the shards hold; an index that disagrees is corrupt or belongs elsewhere.
+        located = {k: s.file.relative_to(src).as_posix() for k, s in found.items()}
+        problems += [f"{k}: index says {weight_map.get(k)}, found in {located.get(k)}"
+                     for k in sorted(set(weight_map) | set(found)) if weight_map.get(k) != located.get(k)]
+    if problems:
+        raise ValueError(f"{src}: the shards disagree with their index\n  " + "\n  ".join(problems))
+    return found
+
+
+def _source_files(src: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """-> (the safetensors files, the index's weight map or None for a single file)."""
     indexes = sorted(src.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ValueError(f"{src}: several shard indexes {[p.name for p in indexes]}")
@@ -83,55 +122,75 @@ def source_index(src: Path) -> dict[str, Path]:
         missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{indexes[0]} names shard files that are not there: {missing}")
-        return {k: src / f for k, f in weight_map.items()}
+        return sorted({src / f for f in weight_map.values()}), weight_map
     files = sorted(src.glob("*.safetensors"))
     if len(files) != 1:
         raise FileNotFoundError(f"{src}: expected one .safetensors file or a *.safetensors.index.json, "
                                 f"found {[p.name for p in files]}")
-    with safe_open(files[0], "numpy") as f:
-        return {k: files[0] for k in f.keys()}
+    return files, None
+
+
+def output_dtype(dtype: str | None, sources: dict[str, SourceTensor]) -> np.dtype:
+    """The requested dtype, or the checkpoint's (its most common one); one the model can run in."""
+    if dtype is None:
+        counts = collections.Counter(s.dtype for s in sources.values())
+        source_dtype = counts.most_common(1)[0][0]
+        if source_dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"checkpoint dtype {source_dtype} has no converted equivalent: pass dtype=")
+        dtype = np.dtype(_NUMPY_DTYPES[source_dtype]).name
+    if dtype not in DTYPES:
+        raise ValueError(f"output dtype {dtype!r}: the model runs in one of {DTYPES}; pass one of them")
+    return np.dtype(dtype)
+
+
+def _read(source: SourceTensor, key: str) -> np.ndarray:
+    # A fresh mapping per tensor: a shard kept open keeps every page read from it resident (RssFile), so
+    # peak RSS would grow by a whole shard (~5 GB for the real model) though each tensor is read once.
+    with safe_open(source.file, "numpy") as f:
+        return f.get_tensor(key)
 
 
 def convert_transformer(src, dst, dtype: str | None = None, progress: bool = True) -> MMDiTConfig:
-    """Convert the diffusers transformer folder `src` into `dst/transformer/`. dtype: None keeps the source's."""
+    """Convert the diffusers transformer folder `src` into `dst/transformer/`.
+
+    dtype: None keeps the checkpoint's."""
     src, out = Path(src), Path(dst) / "transformer"
     config_file = src / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: --transformer takes a diffusers transformer folder")
-    index = source_index(src)
-    shapes, dtypes = {}, {}
-    for file in sorted(set(index.values())):
-        with safe_open(file, "numpy") as f:
-            for k in f.keys():
-                view = f.get_slice(k)
-                shapes[k] = tuple(view.get_shape())
-                dtypes[k] = view.get_dtype()
-    plan = param_mapping.tensors(MMDiTConfig.from_diffusers(json.loads(config_file.read_text())))
-    source_dtype = max(set(dtypes.values()), key=list(dtypes.values()).count)
-    out_dtype = np.dtype(dtype) if dtype else np.dtype({"F32": np.float32, "F16": np.float16,
-                                                        "BF16": ml_dtypes.bfloat16}[source_dtype])
-    cfg = MMDiTConfig.from_diffusers(json.loads(config_file.read_text()), dtype=np.dtype(out_dtype).name)
+        raise FileNotFoundError(f"{config_file} not found: --transformer takes a diffusers transformer "
+                                "folder")
+    sources = source_tensors(src)
+    out_dtype = output_dtype(dtype, sources)
+    cfg = MMDiTConfig.from_diffusers(json.loads(config_file.read_text()), dtype=out_dtype.name)
+    plan = param_mapping.tensors(cfg)
     # (their key) -> (our tensor, layer)
-    targets = {key: (t, i if t.stacked else None) for t in plan for i, key in enumerate(t.their_keys(cfg.num_layers))}
-    check_tensors({k: t.their_shape() for k, (t, _) in targets.items()}, shapes, str(src))
+    targets = {key: (t, i if t.stacked else None)
+               for t in plan for i, key in enumerate(t.their_keys(cfg.num_layers))}
+    check_tensors({k: t.their_shape() for k, (t, _) in targets.items()},
+                  {k: s.shape for k, s in sources.items()}, str(src))
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (PARAMS_NAME + ".partial")
-    writer = SafetensorsStreamWriter(tmp, {t.ours: (t.shape, out_dtype) for t in plan},
-                                     metadata={"format": "cogniedit_jax", "source": str(src)})
     try:
-        with tqdm(total=len(targets), desc="convert transformer", unit="tensor", disable=not progress) as bar:
-            for file in sorted(set(index.values())):
-                with safe_open(file, "numpy") as f:
-                    for key in (k for k, v in index.items() if v == file):
-                        t, layer = targets[key]
-                        array = f.get_tensor(key).astype(out_dtype, copy=False)
-                        writer.write(t.ours, array.T if t.transpose else array, layer)
-                        bar.update()
+        _write_params(tmp, plan, sources, targets, out_dtype, str(src), progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial file as big as the model is worth nothing
+        raise
+    os.replace(tmp, out / PARAMS_NAME)
+    cfg.to_json(out / CONFIG_NAME)
+    return cfg
+
+
+def _write_params(path: Path, plan, sources, targets, out_dtype: np.dtype, source_name: str, progress: bool):
+    writer = SafetensorsStreamWriter(path, {t.ours: (t.shape, out_dtype) for t in plan},
+                                     metadata={"format": "cogniedit_jax", "source": source_name})
+    try:
+        bar = tqdm(sources.items(), desc="convert transformer", unit="tensor", disable=not progress)
+        for key, source in bar:
+            t, layer = targets[key]
+            array = _read(source, key).astype(out_dtype, copy=False)
+            writer.write(t.ours, array.T if t.transpose else array, layer)
     finally:
         writer.close()
     if writer.unwritten():
         raise RuntimeError(f"conversion left tensors unwritten: {writer.unwritten()}")
-    os.replace(tmp, out / PARAMS_NAME)
-    cfg.to_json(out / CONFIG_NAME)
-    return cfg

@@ -49,19 +49,36 @@ def load_transformer(path, shardings=None, **runtime) -> tuple[MMDiTConfig, dict
     params are cast to `cfg.dtype`. `shardings`: None (default device) or a pytree of `jax.sharding.Sharding`
     shaped like params, each array then built directly in that layout."""
     folder = transformer_folder(path)
+    file = folder / PARAMS_NAME
     cfg = MMDiTConfig.from_json(folder / CONFIG_NAME, **runtime)
-    dtype = cfg.compute_dtype
     plan = param_mapping.tensors(cfg)
-    flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
-    flat = {}
-    with safe_open(folder / PARAMS_NAME, "numpy") as f:
+    with safe_open(file, "numpy") as f:
         check_tensors({t.ours: t.shape for t in plan},
-                      {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, str(folder / PARAMS_NAME))
-        for t in plan:
-            view = f.get_slice(t.ours)
-            if t.ours in flat_shardings:
-                flat[t.ours] = jax.make_array_from_callback(
-                    t.shape, flat_shardings[t.ours], lambda index, view=view: view[index].astype(dtype))
-            else:
-                flat[t.ours] = jnp.asarray(view[:], dtype=dtype)
+                      {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, str(file))
+    flat_shardings = _flat_shardings(shardings, plan)
+    flat = {t.ours: _load_tensor(file, t, cfg.compute_dtype, flat_shardings.get(t.ours)) for t in plan}
     return cfg, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _flat_shardings(shardings, plan) -> dict:
+    """The shardings by leaf path; a tree that does not match params leaf for leaf is refused by name."""
+    if shardings is None:
+        return {}
+    flat = traverse_util.flatten_dict(shardings, sep="/")
+    ours = {t.ours for t in plan}
+    missing, unexpected = sorted(ours - set(flat)), sorted(set(flat) - ours)
+    if missing or unexpected:
+        raise ValueError(f"shardings must have one Sharding per parameter: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return flat
+
+
+def _load_tensor(file: Path, t: param_mapping.Tensor, dtype, sharding):
+    # A fresh mapping per tensor: while the file stays open every page read from it stays resident
+    # (RssFile), so loading would peak at the whole file on top of the arrays built from it.
+    with safe_open(file, "numpy") as f:
+        view = f.get_slice(t.ours)
+        if sharding is None:
+            return jnp.asarray(view[:], dtype=dtype)
+        # Each device's callback reads only its own slice of the file.
+        return jax.make_array_from_callback(t.shape, sharding, lambda index: view[index].astype(dtype))

@@ -219,7 +219,7 @@ def transformer_forward(
 def init_params(cfg: MMDiTConfig, key, dtype=None):
     """Random parameters in our layout (kernels ~ N(0, 1/in), biases 0, norm scales 1).
 
-    For shapes (`jax.eval_shape(init_params, cfg, key)`) and models trained from scratch (the demo).
+    For shapes (`jax.eval_shape(functools.partial(init_params, cfg), key)`) and models trained from scratch.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
     flat = {}

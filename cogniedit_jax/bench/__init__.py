@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side timings of our JAX code against the diffusers reference."""
