@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (no zero bias or unit norm left to hide a bug), at a scale that keeps
-    activations O(1) through the network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                p.copy_(noise / np.sqrt(p.shape[-1]))
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return module
+from cogniedit_jax.bench.reference import random_diffusers_transformer
 
 
 def tiny_transformer(seed: int = 0, **config):
-    from diffusers import QwenImageTransformer2DModel
-
     defaults = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                     num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(4, 8, 4))
-    torch.manual_seed(seed)
-    model = QwenImageTransformer2DModel(**{**defaults, **config})
-    return randomize_(model, seed).eval()
+    return random_diffusers_transformer(seed, **{**defaults, **config})
 
 
 def transformer_inputs(model, img_shapes, valid_lengths, txt_len, seed=0):

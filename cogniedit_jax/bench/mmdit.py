@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cogniedit_jax.bench.reference import random_diffusers_transformer
 from cogniedit_jax.models import load_transformer, param_mapping, transformer_forward
 from cogniedit_jax.models.config import MMDiTConfig
 from cogniedit_jax.models.conversion import convert_transformer
@@ -49,24 +50,7 @@ from cogniedit_jax.models.lora import DEFAULT_TARGETS, Lora, LoraConfig, init_lo
 
 
 def random_diffusers_model(cfg: MMDiTConfig, seed: int):
-    """A diffusers `QwenImageTransformer2DModel` with every parameter random (none left zero or one),
-    at a scale that keeps activations O(1)."""
-    import torch
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = QwenImageTransformer2DModel(**cfg.to_diffusers())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval()
+    return random_diffusers_transformer(seed, **cfg.to_diffusers())
 
 
 def image_layout(tokens: int) -> list[tuple[int, int, int]]:
