@@ -2,8 +2,8 @@
 
 The pipeline runs end to end from a PIL source image (its VAE encodes it); a forward pre-hook on its
 transformer records the source latents and `img_shapes` it builds, so our loop gets exactly the same
-inputs. The pipeline's one-megapixel source size is shrunk (monkeypatched `calculate_dimensions`) to
-keep the test fast; the code path is unchanged.
+inputs. The pipeline's one-megapixel source size is shrunk (`source_area`) to keep the test fast; the
+code path is unchanged.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
-from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
 from PIL import Image
 
+from cogniedit_jax.bench.reference import edit_pipeline, recorded_source_latents, source_area
 from cogniedit_jax.sampling.edit_loop import (
     EditCondition,
     edit_latents,
@@ -46,14 +46,8 @@ def models(tmp_path_factory):
     return transformer, vae, cfg, params
 
 
-def run_pipeline(transformer, vae, monkeypatch, *, batch, txt_lens, neg_len=None, cfg_scale=1.0):
+def run_pipeline(transformer, vae, *, batch, txt_lens, neg_len=None, cfg_scale=1.0):
     """The pipeline's final packed latents, plus the inputs it fed its transformer."""
-    small = functools.partial(pipeline_qwenimage_edit.calculate_dimensions, 96 * 64)
-    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: small(ratio))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
-        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True))
-    pipe = QwenImageEditPipeline(scheduler, vae, None, None, None, transformer)
     g = torch.Generator().manual_seed(1)
     height, width = 48, 80  # the output: 3 x 5 patches of 16 px
     source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 110, 3), dtype=np.uint8))
@@ -68,20 +62,11 @@ def run_pipeline(transformer, vae, monkeypatch, *, batch, txt_lens, neg_len=None
     embeds, mask = text(txt_lens, max(txt_lens))
     neg = text([neg_len] * batch, neg_len) if neg_len else (None, None)
     noise = torch.randn(batch, (height // 16) * (width // 16), transformer.config.in_channels, generator=g)
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen.setdefault("source", kwargs["hidden_states"][:, noise.shape[1]:].clone())
-        seen.setdefault("img_shapes", kwargs["img_shapes"])
-
-    hook = transformer.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = pipe(image=source, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg[0],
-                       negative_prompt_embeds_mask=neg[1], true_cfg_scale=cfg_scale, height=height, width=width,
-                       num_inference_steps=STEPS, latents=noise, output_type="latent").images
-    finally:
-        hook.remove()
+    with source_area(96 * 64), recorded_source_latents(transformer, noise.shape[1]) as seen, torch.no_grad():
+        out = edit_pipeline(transformer, vae)(
+            image=source, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg[0],
+            negative_prompt_embeds_mask=neg[1], true_cfg_scale=cfg_scale, height=height, width=width,
+            num_inference_steps=STEPS, latents=noise, output_type="latent").images
     cond = EditCondition(jnp.asarray(embeds.numpy()), jnp.asarray(mask.numpy()), jnp.asarray(seen["source"].numpy()),
                          None if neg[0] is None else jnp.asarray(neg[0].numpy()),
                          None if neg[1] is None else jnp.asarray(neg[1].numpy()))
@@ -89,9 +74,9 @@ def run_pipeline(transformer, vae, monkeypatch, *, batch, txt_lens, neg_len=None
 
 
 @pytest.mark.parametrize("cfg_scale, neg_len", [(1.0, None), (4.0, 5)], ids=["no_cfg", "true_cfg"])
-def test_ode_loop_matches_pipeline(models, monkeypatch, cfg_scale, neg_len):
+def test_ode_loop_matches_pipeline(models, cfg_scale, neg_len):
     transformer, vae, cfg, params = models
-    expected, noise, cond, img_shapes = run_pipeline(transformer, vae, monkeypatch, batch=2, txt_lens=[7, 4],
+    expected, noise, cond, img_shapes = run_pipeline(transformer, vae, batch=2, txt_lens=[7, 4],
                                                      neg_len=neg_len, cfg_scale=cfg_scale)
     layout = edit_layout((6, 10), [(8, 12)])  # output 48x80 px; source 64x96 px (the shrunk "megapixel")
     assert [tuple(map(tuple, row)) for row in img_shapes] == [layout] * 2

@@ -53,6 +53,17 @@ def random_diffusers_model(cfg: MMDiTConfig, seed: int):
     return random_diffusers_transformer(seed, **cfg.to_diffusers())
 
 
+def bench_config(layers: int, dim: int, heads: int, joint_dim: int) -> MMDiTConfig:
+    """A real-shaped (64 -> 16 channels) model of the given width and depth."""
+    hd = dim // heads
+    # diffusers' (16, 56, 56) at head dim 128; otherwise 1/8 for frames and the rest split evenly (all even).
+    t_axis = max(2, (hd // 8) // 2 * 2)
+    hw = (hd - t_axis) // 4 * 2
+    axes = (16, 56, 56) if hd == 128 else (hd - 2 * hw, hw, hw)
+    return MMDiTConfig(num_layers=layers, attention_head_dim=hd, num_attention_heads=heads,
+                       joint_attention_dim=joint_dim, in_channels=64, out_channels=16, axes_dims_rope=axes)
+
+
 def image_layout(tokens: int) -> list[tuple[int, int, int]]:
     """`tokens` image tokens as a target plus an equal condition image, each as square as divisors allow."""
     if tokens % 2:
@@ -270,14 +281,7 @@ def main(argv=None) -> dict:
     torch_dtype = getattr(torch, args.dtype)
     if args.dim % args.heads:
         ap.error(f"--dim {args.dim} is not a multiple of --heads {args.heads}")
-    hd = args.dim // args.heads
-    # diffusers' (16, 56, 56) at head dim 128; otherwise 1/8 for frames and the rest split evenly (all even).
-    t_axis = max(2, (hd // 8) // 2 * 2)
-    hw = (hd - t_axis) // 4 * 2
-    axes = (16, 56, 56) if hd == 128 else (hd - 2 * hw, hw, hw)
-    base = MMDiTConfig(num_layers=args.layers, attention_head_dim=hd, num_attention_heads=args.heads,
-                       joint_attention_dim=args.joint_dim, in_channels=64, out_channels=16,
-                       axes_dims_rope=axes)
+    base = bench_config(args.layers, args.dim, args.heads, args.joint_dim)
     targets = tuple(t.removeprefix("attn.") for t in DEFAULT_TARGETS)
 
     cores = len(os.sched_getaffinity(0))
@@ -402,8 +406,9 @@ def main(argv=None) -> dict:
               f"{r['grad_rel_err']:.2e} (remat={p})")
 
     result = {
-        "config": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "head_dim": hd,
-                   "axes_dims_rope": list(axes), "joint_attention_dim": args.joint_dim,
+        "config": {"layers": args.layers, "dim": args.dim, "heads": args.heads,
+                   "head_dim": cfg.attention_head_dim,
+                   "axes_dims_rope": list(cfg.axes_dims_rope), "joint_attention_dim": args.joint_dim,
                    "img_tokens": args.img, "txt_tokens": args.txt, "batch": args.batch, "rank": args.rank,
                    "dtype": args.dtype, "params": n_params, "repeats": args.repeats, "warmup": args.warmup},
         "env": {"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,

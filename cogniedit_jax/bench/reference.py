@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 
@@ -30,3 +31,49 @@ def random_diffusers_transformer(seed: int, **config):
 
     torch.manual_seed(seed)
     return randomize_(QwenImageTransformer2DModel(**config), seed).eval()
+
+
+def edit_pipeline(transformer, vae, scheduler_cfg=None):
+    """diffusers' `QwenImageEditPipeline` around `transformer` and `vae` with our scheduler config (the real
+    one by default) and no text encoder: callers pass prompt embeddings."""
+    import dataclasses
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+
+    from cogniedit_jax.sampling.schedule import SchedulerConfig
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dataclasses.asdict(scheduler_cfg or SchedulerConfig()))
+    pipe = QwenImageEditPipeline(scheduler, vae, None, None, None, transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def source_area(pixels: int):
+    """Make the edit pipeline resize its source image to about `pixels` instead of one megapixel (small
+    reference runs); everything else in its code path is unchanged."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+    original = module.calculate_dimensions
+    module.calculate_dimensions = lambda area, ratio: original(pixels, ratio)
+    try:
+        yield
+    finally:
+        module.calculate_dimensions = original
+
+
+@contextlib.contextmanager
+def recorded_source_latents(transformer, target_tokens: int):
+    """Record, from the first transformer call inside the block, the packed source latents the pipeline
+    appended after the `target_tokens` noisy target tokens, and the `img_shapes` it passed."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("source", kwargs["hidden_states"][:, target_tokens:].clone())
+        seen.setdefault("img_shapes", kwargs["img_shapes"])
+
+    hook = transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()
