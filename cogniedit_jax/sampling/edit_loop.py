@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cogniedit_jax.models.mmdit import transformer_forward
-from cogniedit_jax.sampling.sde import gaussian_log_prob, sde_mean_std
+from cogniedit_jax.sampling.sde import gaussian_log_prob, sde_mean_std, step_dtype
 
 Layout = tuple[tuple[int, int, int], ...]
 
@@ -102,16 +102,17 @@ def _model_text(cond: EditCondition):
 def guided_velocity(model_cfg, params, x, cond: EditCondition, timestep, layout: Layout, cfg_scale,
                     lora=None, focus=None):
     """The pipeline's noise prediction for target latents x [B, S, 4C] at `timestep` (= t / 1000, the
-    pipeline's model input), in fp32: target part of the output, true CFG with norm rescaling when `cond`
-    has a negative prompt."""
+    pipeline's model input; scalar or per row), in `step_dtype(x)`: the target part of the output, with
+    true CFG and norm rescaling when `cond` has a negative prompt."""
     text, mask = _model_text(cond)
     rows = text.shape[0] // x.shape[0]
     model_in = jnp.concatenate([x.astype(cond.source_latents.dtype), cond.source_latents], axis=1)
     model_in = jnp.concatenate([model_in] * rows)
     focus_kw = {} if focus is None else {"focus": focus}
-    out = transformer_forward(model_cfg, params, model_in, text, mask, jnp.full((text.shape[0],), timestep),
+    t = jnp.concatenate([jnp.broadcast_to(timestep, x.shape[:1])] * rows)
+    out = transformer_forward(model_cfg, params, model_in, text, mask, t,
                               [layout] * text.shape[0], lora=lora, **focus_kw)
-    out = out[:, : x.shape[1]].astype(jnp.float32)
+    out = out[:, : x.shape[1]].astype(step_dtype(x))
     if rows == 1:
         return out
     cond_v, neg_v = jnp.split(out, 2)
@@ -119,16 +120,29 @@ def guided_velocity(model_cfg, params, x, cond: EditCondition, timestep, layout:
     return comb * (jnp.linalg.norm(cond_v, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
 
 
+def per_row(v, x):
+    """A scalar or per-row [N] value shaped to broadcast against x [N, ...]."""
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim else v
+
+
+def model_timestep(sigmas, num_train_timesteps: int = 1000):
+    """The model's timestep input for sigmas: the pipeline feeds t / 1000 with t = 1000 sigma rounded in
+    fp32, which is not always sigma itself."""
+    return sigmas * num_train_timesteps / num_train_timesteps
+
+
 def flow_step(x, velocity, sigma, sigma_next, noise_level, noise, reduce: str = "mean"):
-    """One step with noise level `noise_level` (0: the ODE step) -> (x_next, log_prob [B], mean, std).
+    """One step with noise level `noise_level` (0: the ODE step) -> (x_next, log_prob [N], mean, std).
+    sigma, sigma_next and noise_level are scalars or per row [N].
 
     log_prob is that of x_next under the step's Gaussian and 0 where the step is deterministic; the
     std is clamped away from 0 only inside the density so an ODE step gives no NaN (the `where` discards it).
     """
-    mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
-    x_next = mean + std * noise.astype(jnp.float32)
+    mean, std = sde_mean_std(x, velocity, per_row(sigma, x), per_row(sigma_next, x), per_row(noise_level, x))
+    x_next = mean + std * noise.astype(mean.dtype)
     log_prob = gaussian_log_prob(x_next, mean, jnp.maximum(std, 1e-12), reduce)
-    return x_next, jnp.where(noise_level > 0, log_prob, 0.0), mean, std
+    return x_next, jnp.where(jnp.asarray(noise_level) > 0, log_prob, 0.0), mean, std
 
 
 def sample_trajectory(model_cfg, params, noise, cond: EditCondition, sigmas, noise_levels, key, *,
@@ -137,25 +151,25 @@ def sample_trajectory(model_cfg, params, noise, cond: EditCondition, sigmas, noi
     """Run all T steps from x_T = `noise` [B, S, 4C] in one `lax.scan`. Pure; call it under `jax.jit`
     with `layout` (and `reduce`) static.
 
-    sigmas [T + 1] (from `schedule.make_schedule`), noise_levels [T] (0 = ODE step; e.g. a GRPO window
-    of k SDE steps), key: the step noises are `normal(fold_in(key, i))`, so a trajectory is reproducible
-    from (noise, key) and a caller that needs only some steps' noise can regenerate it.
+    sigmas [T + 1] (from `schedule.make_schedule`), noise_levels [T] or per row [T, N] (0 = ODE step; e.g.
+    a GRPO window of k SDE steps), key: the step noises are `normal(fold_in(key, i))`, so a trajectory is
+    reproducible from (noise, key). The state is carried in `step_dtype(noise)` (fp32, or fp64 in tests).
     """
-    sigmas = jnp.asarray(sigmas, jnp.float32)
-    noise_levels = jnp.asarray(noise_levels, jnp.float32)
+    dtype = step_dtype(noise)
+    sigmas = jnp.asarray(sigmas, dtype)
+    noise_levels = jnp.asarray(noise_levels, dtype)
     steps = noise_levels.shape[0]
     if sigmas.shape[0] != steps + 1:
         raise ValueError(f"sigmas has {sigmas.shape[0]} entries, expected noise_levels' {steps} steps + 1")
-    # The pipeline feeds the model t / 1000 with t = 1000 sigma rounded in fp32: not always sigma itself.
-    timesteps = sigmas[:-1] * num_train_timesteps / num_train_timesteps
+    timesteps = model_timestep(sigmas[:-1], num_train_timesteps)
 
     def step(x, i):
-        eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype)
         v = guided_velocity(model_cfg, params, x, cond, timesteps[i], layout, cfg_scale, lora, focus)
         x_next, log_prob, _, _ = flow_step(x, v, sigmas[i], sigmas[i + 1], noise_levels[i], eps, reduce)
-        return x_next, (x, eps, log_prob)
+        return x_next, (x, eps, jnp.broadcast_to(log_prob, x.shape[:1]))
 
-    final, (states, noises, log_probs) = jax.lax.scan(step, noise.astype(jnp.float32), jnp.arange(steps))
+    final, (states, noises, log_probs) = jax.lax.scan(step, noise.astype(dtype), jnp.arange(steps))
     return Trajectory(final, jnp.concatenate([states, final[None]]), noises, log_probs)
 
 
@@ -163,7 +177,7 @@ def edit_latents(model_cfg, params, noise, cond: EditCondition, sigmas, *, layou
                  lora=None, focus=None):
     """The deterministic (ODE) edit: final packed target latents [B, S, 4C]. Keeping only `latents` lets
     XLA drop the stored trajectory."""
-    steps = jnp.asarray(sigmas).shape[0] - 1
+    steps = np.shape(sigmas)[0] - 1
     return sample_trajectory(model_cfg, params, noise, cond, sigmas, np.zeros(steps, np.float32),
                              jax.random.key(0), layout=layout, cfg_scale=cfg_scale, lora=lora,
                              focus=focus).latents

@@ -14,8 +14,8 @@ Rule: where sigma >= 1 the denominator uses sigma_next instead, i.e. sigma_t = a
 For the first step sigma_next is the schedule's second sigma, so this is Flow-GRPO's rule
 (`sigma_max = sigmas[1]`) without passing the schedule in. The drift's 1/t stays finite (t = 1).
 
-All arithmetic runs in fp32 whatever the model's dtype: log-probabilities of 64-channel latents summed
-over thousands of tokens do not survive bf16.
+All arithmetic runs in fp32 (fp64 when the sample is fp64, for finite-difference tests) whatever the model's
+dtype: log-probabilities of 64-channel latents summed over thousands of tokens do not survive bf16.
 """
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ import math
 import jax.numpy as jnp
 
 
+def step_dtype(x):
+    """The dtype of the step arithmetic for a sample of x's dtype: at least fp32."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def ode_step(sample, velocity, sigma, sigma_next):
     """x + (sigma_next - sigma) v, in fp32: diffusers' `FlowMatchEulerDiscreteScheduler.step`."""
-    return sample.astype(jnp.float32) + (sigma_next - sigma) * velocity.astype(jnp.float32)
+    dtype = step_dtype(sample)
+    return sample.astype(dtype) + (sigma_next - sigma) * velocity.astype(dtype)
 
 
 def sde_std(sigma, sigma_next, noise_level):
@@ -38,9 +44,10 @@ def sde_std(sigma, sigma_next, noise_level):
 
 def sde_mean_std(sample, velocity, sigma, sigma_next, noise_level):
     """(mean, std) of x_next given x: the Gaussian transition of one SDE step."""
-    x = sample.astype(jnp.float32)
-    v = velocity.astype(jnp.float32)
-    sigma = jnp.asarray(sigma, jnp.float32)
+    dtype = step_dtype(sample)
+    x = sample.astype(dtype)
+    v = velocity.astype(dtype)
+    sigma = jnp.asarray(sigma, dtype)
     dt = sigma_next - sigma
     sigma_t = sde_std(sigma, sigma_next, noise_level)
     mean = x + (v + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
@@ -50,7 +57,7 @@ def sde_mean_std(sample, velocity, sigma, sigma_next, noise_level):
 def gaussian_log_prob(x, mean, std, reduce: str = "mean"):
     """log N(x; mean, std^2 I) per batch row: "sum" is the density of the whole latent, "mean" averages over
     its elements (Flow-GRPO's choice, which keeps ratios of large latents in range). Needs std > 0."""
-    x = x.astype(jnp.float32)
+    x = x.astype(step_dtype(x))
     per_element = -((x - mean) ** 2) / (2 * std**2) - jnp.log(std) - 0.5 * math.log(2 * math.pi)
     axes = tuple(range(1, per_element.ndim))
     if reduce == "mean":
@@ -64,5 +71,5 @@ def sde_step(sample, velocity, sigma, sigma_next, noise_level, noise, reduce: st
     """-> (prev_sample, log_prob [B], prev_mean, std). With noise_level 0 prev_sample is the ODE step
     (log_prob is then undefined: a deterministic step has no density)."""
     mean, std = sde_mean_std(sample, velocity, sigma, sigma_next, noise_level)
-    prev = mean + std * noise.astype(jnp.float32)
+    prev = mean + std * noise.astype(mean.dtype)
     return prev, gaussian_log_prob(prev, mean, std, reduce), mean, std
