@@ -11,6 +11,7 @@ the sinusoidal timestep features in fp32, as diffusers does for bf16.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cogniedit_jax.models import param_mapping
+from cogniedit_jax.models import param_mapping, token_focus
 from cogniedit_jax.models.config import MMDiTConfig
 from cogniedit_jax.models.rope import apply_rope, normalize_img_shapes, rope_tables
 
@@ -104,10 +105,12 @@ def _attention(cfg, q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def block_forward(cfg, p, lora, scale, img, txt, temb, mask, rope, img_is_target):
+def block_forward(cfg, p, lora, scale, img, txt, temb, mask, rope, img_is_target, attend=None):
     """One dual-stream block. img [B, S, D], txt [B, L, D]; temb [B, D] (or a pair for zero_cond_t).
 
     img_is_target: None, or bool [B, S, 1] (zero_cond_t: condition-image tokens use the t=0 modulation).
+    attend: None (the configured attention), or a function (q, k, v, mask) -> out over the joint sequence
+    (text first), [B, T, H, hd] each: how analyses look at the attention without a second model.
     """
     (img_cos, img_sin), (txt_cos, txt_sin) = rope
     hd = cfg.attention_head_dim
@@ -139,7 +142,8 @@ def block_forward(cfg, p, lora, scale, img, txt, temb, mask, rope, img_is_target
     iq, ik, iv = qkv(img_x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"), img_cos, img_sin)
     tq, tk, tv = qkv(txt_x, ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"),
                      txt_cos, txt_sin)
-    out = _attention(cfg, *(jnp.concatenate(pair, axis=1) for pair in ((tq, iq), (tk, ik), (tv, iv))), mask)
+    out = (attend or functools.partial(_attention, cfg))(
+        *(jnp.concatenate(pair, axis=1) for pair in ((tq, iq), (tk, ik), (tv, iv))), mask)
     out = out.reshape(*out.shape[:2], -1)
     n_txt = txt.shape[1]
     img = img + img_gate * linear(a["to_out"], out[:, n_txt:], _sub(la, "to_out"), scale)
@@ -163,15 +167,35 @@ def transformer_forward(
     img_shapes: Sequence[Sequence[Sequence[int]]],
     lora=None,
     additional_t_cond=None,
+    focus=None,
 ):
     """Same arguments and meaning as diffusers' `QwenImageTransformer2DModel.forward`.
 
     hidden_states [B, S, in_channels] (packed latents, target image first), encoder_hidden_states
     [B, L, joint_attention_dim], encoder_hidden_states_mask [B, L] (1 = valid token) or None,
     timestep [B] (sigma in [0, 1]), img_shapes[b] = [(frames, h, w), ...] summing to S.
-    lora: a `lora.Lora` or None. Returns [B, S, patch_size**2 * out_channels] in cfg.dtype.
+    lora: a `lora.Lora` or None. focus: a `token_focus.Focus` (relocates the text stream entering each
+    block, in its `mode`) or None (the model as released: the KL reference policy).
+    Returns [B, S, patch_size**2 * out_channels] in cfg.dtype.
     Traceable: call it inside jit (img_shapes is static there).
     """
+    return _forward(cfg, params, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                    img_shapes, lora, additional_t_cond, focus, probe=None, record=False)[0]
+
+
+def transformer_forward_with_records(cfg: MMDiTConfig, params, hidden_states, encoder_hidden_states,
+                                     encoder_hidden_states_mask, timestep, img_shapes, lora=None,
+                                     additional_t_cond=None, focus=None, probe=None):
+    """`transformer_forward` plus per-layer records, stacked on a leading [num_layers] axis:
+    records["focus"] = `token_focus.relocate`'s record (with a focus), records["probe"] = what
+    `probe(q, k, v, mask)` returns for each block's joint attention inputs (with a probe; the block's
+    output still comes from the configured attention). -> (output, records)."""
+    return _forward(cfg, params, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                    img_shapes, lora, additional_t_cond, focus, probe, record=True)
+
+
+def _forward(cfg, params, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+             img_shapes, lora, additional_t_cond, focus, probe, record):
     dtype = cfg.compute_dtype
     batch, seq_img = hidden_states.shape[:2]
     txt_len = encoder_hidden_states.shape[1]
@@ -201,19 +225,36 @@ def transformer_forward(
         mask = keep[:, None, None, :]
     rope = jax.tree.map(jnp.asarray, rope_tables(cfg, shapes, txt_len))
 
+    focus_tree = focus_layout = None
+    if focus is not None:
+        token_focus.check_focus(cfg, focus)
+        focus_tree = focus.params
+        focus_layout = token_focus.layout(encoder_hidden_states_mask, batch, txt_len, focus.xi)
+
     def body(carry, layer):
-        p, lora_p = layer
-        return block_forward(cfg, p, lora_p, scale, *carry, temb, mask, rope, img_is_target), None
+        p, lora_p, focus_p = layer
+        img, txt = carry
+        records, attend = {}, None
+        if focus_p is not None:
+            txt, records["focus"] = token_focus.relocate(focus_p, txt, focus_layout, focus.mode)
+        if probe is not None:
+            def attend(q, k, v, m):
+                # Called while this body is traced: the probe's value leaves through the scan's outputs.
+                records["probe"] = probe(q, k, v, m)
+                return _attention(cfg, q, k, v, m)
+        carry = block_forward(cfg, p, lora_p, scale, img, txt, temb, mask, rope, img_is_target, attend)
+        return carry, (records if record else None)
 
     if cfg.remat_policy != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy])
-    (img, txt), _ = jax.lax.scan(body, (img, txt), (params["blocks"], _sub(lora_tree, "blocks")))
+    (img, txt), records = jax.lax.scan(body, (img, txt),
+                                       (params["blocks"], _sub(lora_tree, "blocks"), focus_tree))
 
     temb_out = temb[0] if cfg.zero_cond_t else temb
     emb = linear(params["norm_out"], jax.nn.silu(temb_out), _sub(lora_tree, "norm_out"), scale)
     scale_shift = emb.reshape(batch, 1, 2, -1)  # norm_out chunks scale first, then shift
     img = layer_norm(img, cfg.eps) * (1 + scale_shift[:, :, 0]) + scale_shift[:, :, 1]
-    return linear(params["proj_out"], img, _sub(lora_tree, "proj_out"), scale)
+    return linear(params["proj_out"], img, _sub(lora_tree, "proj_out"), scale), records
 
 
 def init_params(cfg: MMDiTConfig, key, dtype=None):
