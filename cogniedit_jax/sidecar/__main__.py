@@ -1,0 +1,3 @@
+from cogniedit_jax.sidecar.server import main
+
+main()
