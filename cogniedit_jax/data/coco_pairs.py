@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,9 @@ class CocoInstances:
         if best["category_id"] not in self.categories:
             raise DataError(where, "bad_annotation", f"annotation {best['id']}: unknown category_id "
                                                      f"{best['category_id']}")
-        return best, mask_utils.decode(best_rle).astype(bool)
+        with warnings.catch_warnings():  # pycocotools 2.0.11's decoder trips numpy 2's copy= deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return best, mask_utils.decode(best_rle).astype(bool)
 
 
 def make_pair(coco: CocoInstances, image_id, images_dir: Path, targets_dir: Path, alpha: float = DEFAULT_ALPHA,

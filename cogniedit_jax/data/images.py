@@ -60,8 +60,11 @@ def probe_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header alone: cheap enough to run over a whole data set."""
     with _open(Path(path), max_pixels) as img:
         w, h = img.size
-        # Orientations 5-8 swap the axes (transpose / rotations by 90 degrees).
-        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        raw = img.info.get("exif")  # EXIF read with the header (`getexif()` would decode a whole PNG)
+    if raw:
+        exif = Image.Exif()
+        exif.load(raw)
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # orientations that transpose or rotate by 90 degrees
             w, h = h, w
     return w, h
 

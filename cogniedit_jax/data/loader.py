@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable, Sequence
 import grain
 import numpy as np
 
-from cogniedit_jax.data.buckets import edit_dimensions, resize_to
+from cogniedit_jax.data.buckets import TARGET_AREA, edit_dimensions, resize_to
 from cogniedit_jax.data.errors import DataError, SkipLog
 from cogniedit_jax.data.images import DEFAULT_MAX_PIXELS, load_rgb, probe_size
 from cogniedit_jax.data.manifest import ManifestItem
@@ -42,11 +42,11 @@ def epoch_plan(bucket_ids: np.ndarray, global_batch_size: int, seed: int, epoch:
 
 
 def collate(examples: list[dict]) -> dict:
-    """Arrays present in every example are stacked on a new leading axis; anything else becomes a list."""
+    """Arrays (and numpy scalars) in every example are stacked on a new leading axis; anything else is a list."""
     out = {}
     for key in examples[0]:
         values = [ex.get(key) for ex in examples]
-        out[key] = np.stack(values) if all(isinstance(v, np.ndarray) for v in values) else values
+        out[key] = np.stack(values) if all(isinstance(v, (np.ndarray, np.generic)) for v in values) else values
     return out
 
 
@@ -139,9 +139,11 @@ def _image_array(path: str, width: int, height: int, max_pixels: int) -> np.ndar
 
 
 def manifest_loader(items: Sequence[ManifestItem], *, global_batch_size: int, seed: int = 0,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, **loader_kwargs) -> Loader:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, target_area: int = TARGET_AREA,
+                    **loader_kwargs) -> Loader:
     """A Loader over manifest items that decodes images: each example has id, instruction, enhanced (or None),
-    source uint8 [H, W, 3] at the edit size of its bucket, and target (same size, or None).
+    source uint8 [H, W, 3] at the edit size of its bucket, and target (same size, or None). `target_area` is
+    the pipeline's 1024 * 1024; smaller values give the same aspect buckets at a lower resolution (CPU demos).
 
     Every source header is probed first: missing, unreadable, oversized or extreme-aspect items are left out of
     the plan and counted in the loader's `skips`, so they never shrink a batch; damage only found when decoding
@@ -153,7 +155,7 @@ def manifest_loader(items: Sequence[ManifestItem], *, global_batch_size: int, se
         try:
             w, h = probe_size(item.source, max_pixels)
             try:
-                size = edit_dimensions(w, h)
+                size = edit_dimensions(w, h, target_area)
             except ValueError as e:
                 raise DataError(item.source, "bad_aspect", str(e))
         except DataError as err:
