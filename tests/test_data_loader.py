@@ -1,5 +1,5 @@
 """The training loader: deterministic plan, one bucket per batch, exact resume from saved state (with prefetch
-threads running ahead), per-host slices of the global batch, and bad items skipped, counted and named."""
+threads running ahead), per-host slices of the global batch, and bad items counted, named and masked out."""
 
 import json
 
@@ -88,21 +88,46 @@ def test_state_from_another_configuration_is_refused():
         _loader(global_batch_size=12)
 
 
-def test_bad_items_are_dropped_counted_and_named():
-    bad = {i for i, b in enumerate(BUCKETS) if b == (32, 64)}  # a whole bucket fails to load
-
+def _failing_loader(bad, **kw):
     def load(i):
         if i in bad:
             raise DataError(f"/data/{i}.png", "corrupt", "cannot decode image")
         return {"index": np.int64(i)}
 
-    loader = Loader(BUCKETS, load, global_batch_size=4, seed=0, num_epochs=1)
-    served = [b["index"].tolist() for b in loader]
-    plan = epoch_plan(loader.bucket_ids, 4, 0, 0)
-    assert served == [b.tolist() for b in plan if not set(b.tolist()) & bad]  # every other batch, whole
-    assert loader.state_dict()["position"] == 0 and loader.state_dict()["epoch"] == 1  # the empty one counted
-    assert dict(loader.skips.counts) == {"corrupt": 4}
-    assert all(m.startswith("/data/") and m.endswith(": cannot decode image") for m in loader.skips.messages)
+    return Loader(BUCKETS, load, global_batch_size=4, seed=0, num_epochs=1, **kw)
+
+
+def test_bad_items_are_counted_named_and_masked_out_with_static_shapes():
+    plan = [b.tolist() for b in epoch_plan(_loader().bucket_ids, 4, 0, 0)]
+    victim = next(b for b in plan if BUCKETS[b[0]] == (32, 64))
+    bad = {victim[0], victim[2]}
+    loader = _failing_loader(bad)
+    batches = list(loader)
+    assert len(batches) == len(plan) and all(len(b["index"]) == 4 for b in batches)
+    for b, planned in zip(batches, plan):
+        assert b["valid"].tolist() == [i not in bad for i in planned]
+        # good rows are the planned items; a bad row holds a copy of a good row of the same batch
+        assert [i for i, v in zip(b["index"].tolist(), b["valid"]) if v] == [i for i in planned if i not in bad]
+        assert set(b["index"].tolist()) <= set(planned)
+    assert dict(loader.skips.counts) == {"corrupt": 2}
+    assert sorted(loader.skips.messages) == sorted(f"/data/{i}.png: cannot decode image" for i in bad)
+
+
+def test_a_host_whose_rows_all_fail_still_yields_a_full_masked_batch():
+    plan = [b.tolist() for b in epoch_plan(_loader().bucket_ids, 4, 0, 0)]
+    victim = next(b for b in plan if BUCKETS[b[0]] == (64, 32))
+    bad = set(victim[2:])  # host 1's two rows of that global batch
+    host1 = list(_failing_loader(bad, process_index=1, process_count=2))
+    host0 = list(_failing_loader(bad, process_index=0, process_count=2))
+    assert len(host0) == len(host1) == len(plan)  # the hosts stay in step
+    step = plan.index(victim)
+    assert host1[step]["valid"].tolist() == [False, False]
+    filler = host1[step]["index"].tolist()
+    assert BUCKETS[filler[0]] == (64, 32) and filler[0] not in bad  # a loadable item of the same bucket
+    assert host0[step]["valid"].all()
+    whole_bucket = {i for i, b in enumerate(BUCKETS) if b == (32, 64)}
+    with pytest.raises(RuntimeError, match=r"every item of bucket \(32, 64\) failed to load; first error: /data/"):
+        list(_failing_loader(whole_bucket))
 
 
 def test_manifest_loader_decodes_buckets_and_survives_every_bad_input(tmp_path):
@@ -125,8 +150,9 @@ def test_manifest_loader_decodes_buckets_and_survives_every_bad_input(tmp_path):
     loader = manifest_loader(items, global_batch_size=1, seed=0, num_epochs=1, max_pixels=100_000,
                              target_area=64 * 64)
     batches = list(loader)
-    served = {b["id"][0]: b for b in batches}
+    served = {b["id"][0]: b for b in batches if b["valid"][0]}
     assert sorted(served) == sorted(["g0", "g1", "g2", "tall", "cmyk", "alpha", "g16", "pal"])
+    assert len(batches) == 9 and sum(not b["valid"][0] for b in batches) == 1  # the truncated one, masked
     for name, batch in served.items():
         h, w = (96, 32) if name == "tall" else (64, 64)  # edit_dimensions(40, 30, 64 * 64) = (64, 64)
         assert batch["source"].shape == (1, h, w, 3) and batch["source"].dtype == np.uint8, name

@@ -10,7 +10,7 @@ takes rows [p*b, (p+1)*b) of each global batch (b = global batch / process count
 share one bucket, so their rows form one global array, and a run can resume on a different number of hosts.
 
 grain does the work between plan and batch: `MapDataset.range(step, ...)` of global steps, `.map` loading a
-step's rows (a bad item is dropped from its batch and counted, never fatal), and `to_iter_dataset` with
+step's rows (a bad item is counted and its row masked out, never fatal), and `to_iter_dataset` with
 `ReadOptions` for the ordered prefetch threads (PIL decoding and resizing release the GIL). The state counts the
 batches handed to the caller, not those prefetched, so threads reading ahead never shift a resume.
 """
@@ -54,8 +54,10 @@ class Loader:
     """Iterate to get batches (dicts from `collate`); `state_dict()` / `load_state_dict()` to checkpoint.
 
     buckets[i] is item i's bucket key (any hashable, e.g. (height, width)); load_fn(i) returns item i as a dict
-    or raises DataError (the item is then dropped from its batch and counted in `skips`; a batch that loses every
-    item is not yielded but still advances the state). num_epochs=None: forever.
+    of arrays and other values, or raises DataError. Every batch has the same number of rows and a bool array
+    `valid`: a row whose item failed is counted in `skips`, filled with a copy of a loadable item of the same
+    bucket and marked invalid, so shapes stay static under jit and all hosts step together (weight the loss by
+    `valid`). num_epochs=None: forever.
     """
 
     def __init__(self, buckets: Sequence[Hashable], load_fn: Callable[[int], dict], *, global_batch_size: int,
@@ -95,14 +97,38 @@ class Loader:
         epoch, position = divmod(step, self.batches_per_epoch)
         return self._plan(epoch)[position][self.rows]
 
-    def _load_step(self, step: int) -> tuple[int, dict | None, list[DataError]]:
+    def _load_step(self, step: int) -> tuple[int, dict, list[DataError]]:
+        rows = self.host_indices(step)
         examples, errors = [], []
-        for i in self.host_indices(step):
+        for i in rows:
             try:
                 examples.append(self.load_fn(int(i)))
             except DataError as err:
+                examples.append(None)
                 errors.append(err)
-        return step, (collate(examples) if examples else None), errors
+        valid = np.array([ex is not None for ex in examples])
+        if not valid.all():
+            filler = next((ex for ex in examples if ex is not None), None)
+            if filler is None:
+                filler = self._bucket_filler(rows, errors)
+            examples = [filler if ex is None else ex for ex in examples]
+        batch = collate(examples)
+        batch["valid"] = valid
+        return step, batch, errors
+
+    def _bucket_filler(self, rows: np.ndarray, errors: list[DataError]) -> dict:
+        """Some loadable item of the rows' bucket, to stand in for rows that failed (it is not counted as seen:
+        its `valid` flag is False). Failures met here are not logged: they are when their own turn comes."""
+        bucket = self.bucket_ids[rows[0]]
+        for j in np.flatnonzero(self.bucket_ids == bucket):
+            if j in rows:
+                continue
+            try:
+                return self.load_fn(int(j))
+            except DataError:
+                continue
+        raise RuntimeError(f"every item of bucket {self.bucket_keys[bucket]} failed to load; first error: "
+                           f"{errors[0]}")
 
     def __iter__(self):
         stop = self.num_epochs * self.batches_per_epoch if self.num_epochs is not None else 2**62
@@ -111,8 +137,7 @@ class Loader:
             self.step = step + 1
             for err in errors:
                 self.skips.add(err)
-            if batch is not None:
-                yield batch
+            yield batch
 
     def state_dict(self) -> dict:
         epoch, position = divmod(self.step, self.batches_per_epoch)
@@ -146,8 +171,8 @@ def manifest_loader(items: Sequence[ManifestItem], *, global_batch_size: int, se
     the pipeline's 1024 * 1024; smaller values give the same aspect buckets at a lower resolution (CPU demos).
 
     Every source header is probed first: missing, unreadable, oversized or extreme-aspect items are left out of
-    the plan and counted in the loader's `skips`, so they never shrink a batch; damage only found when decoding
-    (a truncated file) drops that item from its batch.
+    the plan and counted in the loader's `skips`; damage only found when decoding (a truncated file) masks that
+    row out of its batch (`valid`).
     """
     skips = SkipLog()
     kept, buckets = [], []
