@@ -7,7 +7,8 @@ The pipeline's steps, each reproduced here and checked against the pipeline in t
 3. the processor tokenizes the batch (padding to the longest) and turns the images into patches;
 4. the model runs with input ids, mask, pixel values and grid sizes only, and the last hidden state (after the
    final norm) is kept;
-5. each row keeps its unpadded tokens minus the first 64 (the system prompt), and rows are zero-padded to the
+5. each row keeps its unpadded tokens minus the first 64 (with the real vocabulary: the system turn and
+   "<|im_start|>user\n", so the condition starts at the image tokens), and rows are zero-padded to the
    longest with a 0/1 int64 mask.
 
 Step 4 passes no `mm_token_type_ids`, so with transformers 5 the model falls back to plain 1-D positions
@@ -55,6 +56,12 @@ def condition_image(image: np.ndarray, area: int = CONDITION_AREA):
     return pil.resize(condition_size(pil.width, pil.height, area), resample=Image.Resampling.LANCZOS)
 
 
+def template_prefix_tokens(tokenizer) -> int:
+    """Tokens of the edit template before the image: the system turn and "<|im_start|>user\\n". With the real
+    Qwen2 vocabulary these are exactly the 64 the pipeline drops, so the condition starts at the image."""
+    return len(tokenizer(EDIT_TEMPLATE.split("<|vision_start|>")[0])["input_ids"])
+
+
 def pad_embeddings(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Zero-pad [L_i, D] rows to [B, max L, D] and the int64 mask [B, max L] (1 on real tokens)."""
     length = max(r.shape[0] for r in rows)
@@ -81,11 +88,11 @@ class ConditionEncoder:
         if positions not in POSITIONS:
             raise ValueError(f"encoder positions {positions!r} is not one of {POSITIONS}")
         self.vl, self.positions, self.area = vl, positions, area
-        prefix = EDIT_TEMPLATE.split("<|vision_start|>")[0]
-        n = len(vl.processor.tokenizer(prefix)["input_ids"])
-        if n + 3 != TEMPLATE_DROP:  # + <|vision_start|>, one <|image_pad|> ... counted as the pipeline does
-            log.info("the edit template's system turn is %d tokens with this tokenizer; the pipeline drops %d "
-                     "(right for the real Qwen2.5-VL vocabulary)", n, TEMPLATE_DROP)
+        n = template_prefix_tokens(vl.processor.tokenizer)
+        if n != TEMPLATE_DROP:
+            log.warning("the edit template's text before the image is %d tokens with this tokenizer; the pipeline "
+                        "drops %d tokens regardless (right for the real Qwen2 vocabulary), and so do we", n,
+                        TEMPLATE_DROP)
 
     def encode(self, images: list[np.ndarray], prompts: list[str]) -> list[np.ndarray]:
         """Per item, the condition embeddings [L_i, D] (model dtype) before padding; `pad_embeddings` of the

@@ -74,17 +74,22 @@ def tiny_config(tokenizer, hidden: int = 32):
     )
 
 
-def write_tiny_checkpoint(out_dir, seed: int = 0, max_pixels: int = 12845056) -> Path:
+def write_tiny_checkpoint(out_dir, seed: int = 0, max_pixels: int = 12845056, tokenizer_dir=None) -> Path:
     """Save a random tiny `Qwen2_5_VLForConditionalGeneration`, its tokenizer, image-processor config (the
-    real checkpoint's pixel bounds by default) and chat template into `out_dir`; returns the folder."""
+    real checkpoint's pixel bounds by default) and chat template into `out_dir`; returns the folder.
+    `tokenizer_dir`: use that tokenizer (e.g. the real Qwen2 vocabulary) instead of the tiny trained one."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from cogniedit_jax.bench.reference import randomize_
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer()
+    if tokenizer_dir is None:
+        tokenizer = tiny_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="right")
+        tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     model = randomize_(Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer)), seed).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -100,8 +105,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="a tokenizer folder to use instead of the tiny one")
     args = parser.parse_args(argv)
-    print(write_tiny_checkpoint(args.out_dir, args.seed))
+    print(write_tiny_checkpoint(args.out_dir, args.seed, tokenizer_dir=args.tokenizer))
 
 
 if __name__ == "__main__":
