@@ -62,7 +62,7 @@ class Loader:
 
     def __init__(self, buckets: Sequence[Hashable], load_fn: Callable[[int], dict], *, global_batch_size: int,
                  seed: int = 0, process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                 num_threads: int = 2, prefetch: int = 4, skips: SkipLog | None = None):
+                 num_threads: int = 8, prefetch: int = 8, skips: SkipLog | None = None):
         if global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                              f"process_count={process_count}")
