@@ -77,9 +77,15 @@ def test_cli_writes_the_manifest(tmp_path, capsys):
     assert "split_0001.jsonl:7: malformed JSON" in captured.err  # the skip report names file and line
 
 
-def test_cli_refuses_missing_arguments(tmp_path):
+def test_cli_refuses_missing_arguments_and_missing_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_manifest.main(["--source", "coco", "--out", str(tmp_path / "x.jsonl")])
+    assert build_manifest.main(["--source", "seed", "--root", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "no real_editing/annotations folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert build_manifest.main(["--source", "folder", "--root", str(tmp_path / "empty"),
+                                "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_folder_of_pairs(tmp_path):

@@ -5,8 +5,8 @@
         --images train2017 --targets coco_targets --n 1000 --out coco.jsonl
     python -m cogniedit_jax.data.build_manifest --source folder --root my_pairs --out mine.jsonl
 
-Skipped items are counted and listed on stderr (each message names the file and line); the exit status is 0
-unless nothing usable was found.
+Skipped items are counted and listed on stderr (each message names the file and line). Exit status: 0 when a
+manifest was written, 1 when no item was usable, 2 when the data set is not where or what it was said to be.
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    items, skips = build(args)
+    try:
+        items, skips = build(args)
+    except (FileNotFoundError, ValueError) as e:  # no data set where it was said to be, or not in its format
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if skips.total:
         print(skips.summary(), file=sys.stderr)
     if not items:

@@ -140,6 +140,7 @@ class Loader:
             yield batch
 
     def state_dict(self) -> dict:
+        """JSON-able. No generator state is kept: every epoch's generator is rebuilt from (seed, epoch)."""
         epoch, position = divmod(self.step, self.batches_per_epoch)
         return {"seed": self.seed, "epoch": epoch, "position": position,
                 "batches_per_epoch": self.batches_per_epoch, "global_batch_size": self.global_batch_size,
