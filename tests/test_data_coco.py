@@ -36,15 +36,18 @@ def _coco_fixture(tmp_path):
         save_rgb(images / f"{i:012d}.jpg", H, W, seed=i)
     save_rgb(images / f"{6:012d}.jpg", H, 50, seed=6)  # annotation below claims 60 wide
     compressed = mask_utils.encode(np.asfortranarray(_box(0, 6, 25, 35)))
-    ann = lambda i, img, cat, seg, crowd=0: {"id": i, "image_id": img, "category_id": cat, "segmentation": seg,
-                                            "area": 0.0, "bbox": [0, 0, 1, 1], "iscrowd": crowd}
+
+    def ann(i, img, cat, seg, crowd=0):
+        return {"id": i, "image_id": img, "category_id": cat, "segmentation": seg, "area": 0.0,
+                "bbox": [0, 0, 1, 1], "iscrowd": crowd}
+
     data = {
         "images": [{"id": i, "file_name": f"{i:012d}.jpg", "height": H, "width": W} for i in range(1, 9)],
         "categories": [{"id": 17, "name": "cat", "supercategory": "animal"},
                        {"id": 67, "name": "dining table", "supercategory": "furniture"}],
         "annotations": [
             ann(10, 1, 17, [[2, 2, 10, 2, 10, 8, 2, 8]]),                 # small polygon, top left
-            ann(11, 1, 67, _uncompressed_rle(_box(20, 30, 40, 60))),      # 200 px RLE, bottom right: the largest
+            ann(11, 1, 67, _uncompressed_rle(_box(20, 30, 40, 60))),      # 200 px RLE, bottom right: largest
             ann(12, 1, 17, _uncompressed_rle(np.ones((H, W), np.uint8)), crowd=1),  # a crowd: never chosen
             ann(20, 2, 17, {"size": [H, W], "counts": compressed["counts"].decode()}),  # compressed RLE, top
             ann(30, 3, 17, [[2, 10, 12, 15, 2, 20]]),                     # polygon triangle, left
@@ -61,7 +64,8 @@ def _coco_fixture(tmp_path):
 
 
 def _instruction(name, position):
-    return f"Add a green segmentation mask (for object detection) to the {name} on the {position} of the image"
+    return (f"Add a green segmentation mask (for object detection) to the {name} on the {position} "
+            "of the image")
 
 
 def test_pairs_instructions_and_overlays(tmp_path):
@@ -74,7 +78,7 @@ def test_pairs_instructions_and_overlays(tmp_path):
     assert by_id["coco2017:3"].instruction == _instruction("cat", "left")
     assert by_id["coco2017:1"].meta["annotation_id"] == 11 and by_id["coco2017:1"].meta["mask_area"] == 200
 
-    # the target is the source with exactly the chosen mask blended half-way to green, everything else untouched
+    # the target is the source with exactly the chosen mask blended half-way to green, the rest untouched
     item = by_id["coco2017:1"]
     src = np.asarray(load_rgb(item.source)).astype(np.int64)
     tgt = np.asarray(Image.open(item.target)).astype(np.int64)
@@ -92,8 +96,8 @@ def test_pairs_instructions_and_overlays(tmp_path):
     text = "\n".join(skips.messages)
     assert f"{images / '000000000006.jpg'}: image is 50x30 but {ann_path} says 60x30" in text
     assert f"{images / '000000000007.jpg'}: no such file" in text
-    assert (f"{ann_path}: image 8 (000000000008.jpg): annotation 80: polygon segmentation with no polygon of 3 or "
-            f"more points") in text
+    assert (f"{ann_path}: image 8 (000000000008.jpg): annotation 80: polygon segmentation with no polygon "
+            f"of 3 or more points") in text
 
 
 def test_sampling_is_seeded_and_cli_writes_the_manifest(tmp_path, capsys):
@@ -102,7 +106,8 @@ def test_sampling_is_seeded_and_cli_writes_the_manifest(tmp_path, capsys):
     assert len(a) == 2 and a == read_coco(ann_path, images, tmp_path / "t", n=2, seed=5)[0]
     out = tmp_path / "coco.jsonl"
     assert build_manifest.main(["--source", "coco", "--annotations", str(ann_path), "--images", str(images),
-                                "--targets", str(tmp_path / "t"), "--n", "2", "--seed", "5", "--out", str(out)]) == 0
+                                "--targets", str(tmp_path / "t"), "--n", "2", "--seed", "5",
+                                "--out", str(out)]) == 0
     assert read_manifest(out)[0] == a
     assert "wrote 2 items" in capsys.readouterr().out
 

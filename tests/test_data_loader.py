@@ -107,7 +107,8 @@ def test_bad_items_are_counted_named_and_masked_out_with_static_shapes():
     for b, planned in zip(batches, plan):
         assert b["valid"].tolist() == [i not in bad for i in planned]
         # good rows are the planned items; a bad row holds a copy of a good row of the same batch
-        assert [i for i, v in zip(b["index"].tolist(), b["valid"]) if v] == [i for i in planned if i not in bad]
+        good_rows = [i for i, v in zip(b["index"].tolist(), b["valid"]) if v]
+        assert good_rows == [i for i in planned if i not in bad]
         assert set(b["index"].tolist()) <= set(planned)
     assert dict(loader.skips.counts) == {"corrupt": 2}
     assert sorted(loader.skips.messages) == sorted(f"/data/{i}.png: cannot decode image" for i in bad)
@@ -126,7 +127,7 @@ def test_a_host_whose_rows_all_fail_still_yields_a_full_masked_batch():
     assert BUCKETS[filler[0]] == (64, 32) and filler[0] not in bad  # a loadable item of the same bucket
     assert host0[step]["valid"].all()
     whole_bucket = {i for i, b in enumerate(BUCKETS) if b == (32, 64)}
-    with pytest.raises(RuntimeError, match=r"every item of bucket \(32, 64\) failed to load; first error: /data/"):
+    with pytest.raises(RuntimeError, match=r"every item of bucket \(32, 64\) failed to load; first error: /"):
         list(_failing_loader(whole_bucket))
 
 
@@ -143,7 +144,8 @@ def test_manifest_loader_decodes_buckets_and_survives_every_bad_input(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"\x89PNG but not really")
     save_rgb(tmp_path / "huge.png", 300, 400)
     save_rgb(tmp_path / "sliver.png", 1, 300)
-    names = ["g0", "g1", "g2", "tall", "cmyk", "alpha", "g16", "pal", "trunc", "junk", "huge", "missing", "sliver"]
+    names = ["g0", "g1", "g2", "tall", "cmyk", "alpha", "g16", "pal",
+             "trunc", "junk", "huge", "missing", "sliver"]
     paths = {n: next(iter(tmp_path.glob(f"{n}.*")), tmp_path / f"{n}.png") for n in names}
     items = [ManifestItem(id=n, source=str(paths[n]), instruction=f"edit {n}",
                           target=str(good[0]) if n == "g1" else None) for n in names]
@@ -162,7 +164,8 @@ def test_manifest_loader_decodes_buckets_and_survives_every_bad_input(tmp_path):
     assert dict(loader.skips.counts) == {"truncated": 1, "corrupt": 1, "too_large": 1, "missing": 1,
                                          "bad_aspect": 1}
     text = "\n".join(loader.skips.messages)
-    for name, message in [("trunc", "cannot decode image: image file is truncated"), ("junk", "not a readable image"),
+    for name, message in [("trunc", "cannot decode image: image file is truncated"),
+                          ("junk", "not a readable image"),
                           ("huge", "400x300 = 120000 pixels exceeds the limit of 100000"),
                           ("missing", "no such file"), ("sliver", "aspect ratio of 300x1 is too extreme")]:
         assert f"{paths[name]}: {message}" in text, name

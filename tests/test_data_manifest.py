@@ -1,4 +1,4 @@
-"""Manifest format: round trip, validation messages naming file:line, bad lines skipped without losing others."""
+"""Manifest format: round trip, validation messages naming file:line, bad lines skipped, nothing else lost."""
 
 import json
 
@@ -17,9 +17,11 @@ def _write_lines(path, lines):
 
 def test_round_trip_keeps_every_field(tmp_path):
     items = [
-        ManifestItem(id="x1", source=str(tmp_path / "s.png"), instruction="Add a hat", target=str(tmp_path / "t.png"),
+        ManifestItem(id="x1", source=str(tmp_path / "s.png"), instruction="Add a hat",
+                     target=str(tmp_path / "t.png"),
                      enhanced=Enhanced(info="a man", think="hat on head", answer="Add a red hat to the man",
-                                       object="the man's head"), meta={"dataset": "mine"}),
+                                       object="the man's head"),
+                     meta={"dataset": "mine"}),
         ManifestItem(id="x2", source=str(tmp_path / "s2.png"), instruction="Färbe den Himmel rot 🌅"),
     ]
     path = tmp_path / "m.jsonl"
@@ -41,11 +43,14 @@ BAD_LINES = [
     ('{"id": "b", "source": "b.png", "instruction": ', "bad_line", "malformed JSON"),
     ('["not", "an", "object"]', "bad_line", "expected a JSON object, found list"),
     ('{"id": "b", "instruction": "x"}', "bad_field", "missing required fields ['source']"),
-    ('{"id": "b", "source": "b.png", "instruction": "   "}', "empty_instruction", "field 'instruction' is empty"),
+    ('{"id": "b", "source": "b.png", "instruction": "   "}', "empty_instruction",
+     "field 'instruction' is empty"),
     ('{"id": "b", "source": "b.png", "instruction": 3}', "bad_field", "must be a string, found int"),
-    ('{"id": "b", "source": "b.png", "instruction": "x", "colour": 1}', "bad_field", "unknown fields ['colour']"),
+    ('{"id": "b", "source": "b.png", "instruction": "x", "colour": 1}', "bad_field",
+     "unknown fields ['colour']"),
     ('{"id": "b", "source": "b.png", "instruction": "a \\ud800 b"}', "bad_text", "not valid UTF-8 text"),
-    ('{"id": "b", "source": "b.png", "instruction": "x", "enhanced": {"info": "i", "answer": "a"}}', "bad_field",
+    ('{"id": "b", "source": "b.png", "instruction": "x", "enhanced": {"info": "i", "answer": "a"}}',
+     "bad_field",
      "field 'enhanced' must have exactly ['info', 'think', 'answer', 'object'], found ['answer', 'info']"),
     ('{"id": "b", "source": "", "instruction": "x"}', "bad_field", "field 'source' must be a non-empty path"),
     (b'{"id": "b", "source": "b.png", "instruction": "caf\xe9"}', "bad_text",
@@ -54,7 +59,8 @@ BAD_LINES = [
 ]
 
 
-@pytest.mark.parametrize("line,kind,message", BAD_LINES, ids=[k + str(i) for i, (_, k, _) in enumerate(BAD_LINES)])
+@pytest.mark.parametrize("line,kind,message", BAD_LINES,
+                         ids=[k + str(i) for i, (_, k, _) in enumerate(BAD_LINES)])
 def test_bad_line_is_named_counted_and_skipped(tmp_path, line, kind, message):
     good2 = {**GOOD, "id": "c"}
     path = _write_lines(tmp_path / "m.jsonl", [json.dumps(GOOD), "", line, json.dumps(good2)])

@@ -1,4 +1,4 @@
-"""SEED-Data-Edit part 2 in its published layout and the plain-folder reader, through the readers and the CLI."""
+"""SEED-Data-Edit part 2 in its published layout and the plain-folder reader, through readers and CLI."""
 
 import json
 
@@ -12,8 +12,8 @@ from tests.test_data_helpers import save_rgb
 
 
 def _seed_fixture(tmp_path):
-    """AILab-CVC/SEED-Data-Edit-Part2-3 as downloaded (real_editing/images.tar.gz unpacked in place), with 10 good
-    pairs over two split files and one bad line of each kind."""
+    """AILab-CVC/SEED-Data-Edit-Part2-3 as downloaded (real_editing/images.tar.gz unpacked in place), with
+    10 good pairs over two split files and one bad line of each kind."""
     root = tmp_path / "SEED-Data-Edit-Part2-3"
     ann = root / "real_editing" / "annotations"
     images = root / "real_editing" / "images"
@@ -25,8 +25,10 @@ def _seed_fixture(tmp_path):
         src, tgt = f"psbattle/{k:03d}_src.jpg", f"psbattle/{k:03d}_tgt.jpg"
         save_rgb(images / src, 24, 32, seed=k)
         save_rgb(images / tgt, 24, 32, seed=100 + k)
-        lines[split].append(json.dumps({"source_image": src, "target_image": tgt, "instruction": f"edit {k} "}))
-        expected[f"seed2:{split[:-6]}:{len(lines[split])}"] = (str(images / src), str(images / tgt), f"edit {k}")
+        row = {"source_image": src, "target_image": tgt, "instruction": f"edit {k} "}
+        lines[split].append(json.dumps(row))
+        item_id = f"seed2:{split[:-6]}:{len(lines[split])}"
+        expected[item_id] = (str(images / src), str(images / tgt), f"edit {k}")
     save_rgb(images / "psbattle/lonely_src.jpg", 24, 32)
     bad = [
         ('{"source_image": "a.jpg", "target_image": ', "bad_line", "split_0001.jsonl:7: malformed JSON"),
@@ -34,7 +36,8 @@ def _seed_fixture(tmp_path):
          "split_0001.jsonl:8: missing fields ['target_image']; found ['instruction', 'source_image']"),
         ('{"source_image": "a.jpg", "target_image": "b.jpg", "instruction": ""}', "empty_instruction",
          "split_0001.jsonl:9: field 'instruction' is empty"),
-        ('{"source_image": "psbattle/lonely_src.jpg", "target_image": "psbattle/gone.jpg", "instruction": "x"}',
+        ('{"source_image": "psbattle/lonely_src.jpg", "target_image": "psbattle/gone.jpg", '
+         '"instruction": "x"}',
          "missing", "psbattle/gone.jpg: no such file"),
     ]
     lines["split_0001.jsonl"] += [b[0] for b in bad]
@@ -80,7 +83,8 @@ def test_cli_writes_the_manifest(tmp_path, capsys):
 def test_cli_refuses_missing_arguments_and_missing_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_manifest.main(["--source", "coco", "--out", str(tmp_path / "x.jsonl")])
-    assert build_manifest.main(["--source", "seed", "--root", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 2
+    out = str(tmp_path / "x.jsonl")
+    assert build_manifest.main(["--source", "seed", "--root", str(tmp_path), "--out", out]) == 2
     assert "no real_editing/annotations folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert build_manifest.main(["--source", "folder", "--root", str(tmp_path / "empty"),

@@ -1,6 +1,6 @@
 """Resolution buckets: Qwen-Image-Edit edits at about one megapixel with the source's aspect ratio.
 
-`edit_dimensions` is diffusers 0.42's `calculate_dimensions(1024 * 1024, w / h)` from pipeline_qwenimage_edit.py
+`edit_dimensions` is `calculate_dimensions(1024 * 1024, w / h)` of diffusers 0.42's pipeline_qwenimage_edit.py
 (Python's `round`, i.e. half to even, on width/32 and height/32); the pipeline then floors both sides to a
 multiple of 16 (VAE factor 8 x patch 2), which a multiple of 32 already is. `resize_to` is the pipeline's
 `VaeImageProcessor.resize` for PIL input: Lanczos, no reducing gap. Every image of a bucket has the same

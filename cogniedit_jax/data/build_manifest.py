@@ -1,8 +1,10 @@
 """Turn a data source into the JSONL manifest.
 
-    python -m cogniedit_jax.data.build_manifest --source seed --root SEED-Data-Edit-Part2-3 --n 3000 --out seed.jsonl
-    python -m cogniedit_jax.data.build_manifest --source coco --annotations annotations/instances_train2017.json \
-        --images train2017 --targets coco_targets --n 1000 --out coco.jsonl
+    python -m cogniedit_jax.data.build_manifest --source seed --root SEED-Data-Edit-Part2-3 --n 3000 \
+        --out seed.jsonl
+    python -m cogniedit_jax.data.build_manifest --source coco \
+        --annotations annotations/instances_train2017.json --images train2017 --targets coco_targets \
+        --n 1000 --out coco.jsonl
     python -m cogniedit_jax.data.build_manifest --source folder --root my_pairs --out mine.jsonl
 
 Skipped items are counted and listed on stderr (each message names the file and line). Exit status: 0 when a
@@ -23,10 +25,11 @@ from cogniedit_jax.data.seed_edit import read_seed_edit
 
 def build(args) -> tuple[list, object]:
     if args.source == "seed":
-        return read_seed_edit(args.root, n=args.n, seed=args.seed, images=args.images, max_pixels=args.max_pixels)
+        return read_seed_edit(args.root, n=args.n, seed=args.seed, images=args.images,
+                              max_pixels=args.max_pixels)
     if args.source == "coco":
-        return read_coco(args.annotations, args.images, args.targets, n=args.n, seed=args.seed, alpha=args.alpha,
-                         max_pixels=args.max_pixels)
+        return read_coco(args.annotations, args.images, args.targets, n=args.n, seed=args.seed,
+                         alpha=args.alpha, max_pixels=args.max_pixels)
     return read_folder(args.root, max_pixels=args.max_pixels)
 
 

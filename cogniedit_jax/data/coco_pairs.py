@@ -1,8 +1,8 @@
 """COCO 2017 green-mask editing pairs (paper appendix 8.2), from the official files:
 `annotations/instances_{train,val}2017.json` and the image folder (`train2017/`).
 
-For each sampled image: the instance with the largest mask area (crowd regions are skipped: they are groups, not
-one object), its category name, a position word from where the mask's centroid falls in a 3 x 3 grid, the
+For each sampled image: the instance with the largest mask area (crowd regions are skipped: they are groups,
+not one object), its category name, a position word from where the mask's centroid falls in a 3 x 3 grid, the
 instruction in the paper's words, and the target: the source with the mask blended in green, written as PNG
 (lossless, so the mask stays exact). Masks are decoded with pycocotools (polygons, RLE and compressed RLE).
 """
@@ -50,7 +50,8 @@ def instance_rle(segmentation, height: int, width: int) -> dict:
         return mask_utils.frPyObjects(segmentation, height, width)
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
         counts = segmentation["counts"]
-        return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+        counts = counts.encode() if isinstance(counts, str) else counts  # JSON stores it as str
+        return {"size": segmentation["size"], "counts": counts}
     raise ValueError(f"unknown segmentation format {type(segmentation).__name__}")
 
 
@@ -104,8 +105,8 @@ class CocoInstances:
             return best, mask_utils.decode(best_rle).astype(bool)
 
 
-def make_pair(coco: CocoInstances, image_id, images_dir: Path, targets_dir: Path, alpha: float = DEFAULT_ALPHA,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> ManifestItem:
+def make_pair(coco: CocoInstances, image_id, images_dir: Path, targets_dir: Path,
+              alpha: float = DEFAULT_ALPHA, max_pixels: int = DEFAULT_MAX_PIXELS) -> ManifestItem:
     """One manifest item; writes its target image to `targets_dir/<image id>.png`."""
     im = coco.images[image_id]
     source = images_dir / im["file_name"]

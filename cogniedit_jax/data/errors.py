@@ -8,8 +8,8 @@ import dataclasses
 
 
 class DataError(Exception):
-    """One bad item. `where` names the file (and line, `path:line`), `kind` is a short stable category used for
-    counting (missing, corrupt, truncated, too_large, bad_mode, bad_line, bad_field, empty_instruction, ...)."""
+    """One bad item. `where` names the file (and line: `path:line`); `kind` is a short stable category for
+    counting: missing, corrupt, truncated, too_large, bad_mode, bad_line, bad_field, empty_instruction, ..."""
 
     def __init__(self, where: str, kind: str, message: str):
         super().__init__(f"{where}: {message}")
@@ -20,8 +20,8 @@ class DataError(Exception):
 
 @dataclasses.dataclass
 class SkipLog:
-    """Skipped items: counts per kind plus the first `keep` messages (a 50k-line data set with a systematic fault
-    must not keep 50k strings)."""
+    """Skipped items: counts per kind plus the first `keep` messages (a 50k-line data set with a systematic
+    fault must not keep 50k strings)."""
 
     keep: int = 100
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)

@@ -33,7 +33,8 @@ def _item(root: Path, txt: Path, max_pixels: int) -> ManifestItem:
     stem = txt.with_suffix("")
     source = _find_image(stem)
     if source is None:
-        raise DataError(str(txt), "missing", f"no source image {stem.name}{{{','.join(IMAGE_EXTS)}}} beside it")
+        exts = ",".join(IMAGE_EXTS)
+        raise DataError(str(txt), "missing", f"no source image {stem.name}{{{exts}}} beside it")
     target = _find_image(stem.with_name(stem.name + TARGET_SUFFIX))
     item = ManifestItem(
         id=str(stem.relative_to(root)),

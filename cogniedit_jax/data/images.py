@@ -1,8 +1,8 @@
 """Safe image loading: every file comes back as an 8-bit RGB PIL image or raises `DataError` naming the file.
 
 - missing / unreadable / not an image / truncated / corrupt: DataError (kinds missing, corrupt, truncated).
-- decompression bombs: the pixel count is read from the header and checked against `max_pixels` before anything
-  is decoded (kind too_large). PIL's own global guard (2 x `Image.MAX_IMAGE_PIXELS`) stays in place as a
+- decompression bombs: the pixel count is read from the header and checked against `max_pixels` before
+  anything is decoded (kind too_large). PIL's own global guard (2 x `Image.MAX_IMAGE_PIXELS`) stays as a
   backstop and is reported the same way; we never change PIL's globals, which other threads share.
 - modes: CMYK and YCbCr through PIL's converter; alpha (RGBA, LA, PA, palette with transparency) composited on
   white, because the colour stored under a fully transparent pixel is arbitrary (often black); 16-bit grey
@@ -52,12 +52,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     if w * h > max_pixels:
         img.close()
         raise DataError(str(path), "too_large",
-                        f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (decompression-bomb guard)")
+                        f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                        "(decompression-bomb guard)")
     return img
 
 
 def probe_size(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header alone: cheap enough to run over a whole data set."""
+    """(width, height) after EXIF orientation, from the header alone: cheap enough for a whole data set."""
     with _open(Path(path), max_pixels) as img:
         w, h = img.size
         raw = img.info.get("exif")  # EXIF read with the header (`getexif()` would decode a whole PNG)
@@ -84,7 +85,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        # 16-bit grey: 65535 -> 255. Mode "I" is how PIL presents 16-bit PNGs; values beyond 16 bits are clipped.
+        # 16-bit grey: 65535 -> 255. PIL presents 16-bit PNGs as mode I; values beyond 16 bits are clipped.
         arr = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
         return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
     if mode == "F":

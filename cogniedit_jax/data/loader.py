@@ -1,18 +1,19 @@
-"""The training loader: deterministic for a seed, reshuffled every epoch, batches of one resolution bucket, host
-prefetch threads, one slice of every global batch per host, and a small state that resumes exactly.
+"""The training loader: deterministic for a seed, reshuffled every epoch, batches of one resolution bucket,
+host prefetch threads, one slice of every global batch per host, and a small state that resumes exactly.
 
 The batch order is a pure function of (seed, epoch, the items' buckets, global batch size): `epoch_plan`
 permutes the items with a generator seeded by (seed, epoch), cuts each bucket's items (in permuted order) into
 global batches, drops each bucket's remainder, and permutes the batches. Global step k is batch k % E of epoch
-k // E (E = batches per epoch, the same every epoch), so the state is just (seed, epoch, position): restoring it
-and iterating yields exactly the batches an uninterrupted loader yields. Every host computes the same plan and
-takes rows [p*b, (p+1)*b) of each global batch (b = global batch / process count): the hosts of one step always
-share one bucket, so their rows form one global array, and a run can resume on a different number of hosts.
+k // E (E = batches per epoch, the same every epoch), so the state is just (seed, epoch, position):
+restoring it and iterating yields exactly the batches an uninterrupted loader yields. Every host computes the
+same plan and takes rows [p*b, (p+1)*b) of each global batch (b = global batch / process count): the hosts of
+one step always share one bucket, so their rows form one global array, and a run can resume on a different
+number of hosts.
 
 grain does the work between plan and batch: `MapDataset.range(step, ...)` of global steps, `.map` loading a
 step's rows (a bad item is counted and its row masked out, never fatal), and `to_iter_dataset` with
-`ReadOptions` for the ordered prefetch threads (PIL decoding and resizing release the GIL). The state counts the
-batches handed to the caller, not those prefetched, so threads reading ahead never shift a resume.
+`ReadOptions` for the ordered prefetch threads (PIL decoding and resizing release the GIL). The state counts
+the batches handed to the caller, not those prefetched, so threads reading ahead never shift a resume.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from cogniedit_jax.data.manifest import ManifestItem
 
 
 def epoch_plan(bucket_ids: np.ndarray, global_batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The global batches (arrays of item indices, one bucket each) of one epoch, in the order they are served."""
+    """One epoch's global batches (arrays of item indices, one bucket each) in the order they are served."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(bucket_ids))
     batches = []
@@ -42,22 +43,23 @@ def epoch_plan(bucket_ids: np.ndarray, global_batch_size: int, seed: int, epoch:
 
 
 def collate(examples: list[dict]) -> dict:
-    """Arrays (and numpy scalars) in every example are stacked on a new leading axis; anything else is a list."""
+    """Arrays (and numpy scalars) in every example are stacked on a new leading axis; the rest are lists."""
     out = {}
     for key in examples[0]:
         values = [ex.get(key) for ex in examples]
-        out[key] = np.stack(values) if all(isinstance(v, (np.ndarray, np.generic)) for v in values) else values
+        stack = all(isinstance(v, (np.ndarray, np.generic)) for v in values)
+        out[key] = np.stack(values) if stack else values
     return out
 
 
 class Loader:
     """Iterate to get batches (dicts from `collate`); `state_dict()` / `load_state_dict()` to checkpoint.
 
-    buckets[i] is item i's bucket key (any hashable, e.g. (height, width)); load_fn(i) returns item i as a dict
-    of arrays and other values, or raises DataError. Every batch has the same number of rows and a bool array
-    `valid`: a row whose item failed is counted in `skips`, filled with a copy of a loadable item of the same
-    bucket and marked invalid, so shapes stay static under jit and all hosts step together (weight the loss by
-    `valid`). num_epochs=None: forever.
+    buckets[i] is item i's bucket key (any hashable, e.g. (height, width)); load_fn(i) returns item i as a
+    dict of arrays and other values, or raises DataError. Every batch has the same number of rows and a bool
+    array `valid`: a row whose item failed is counted in `skips`, filled with a copy of a loadable item of the
+    same bucket and marked invalid, so shapes stay static under jit and all hosts step together (weight the
+    loss by `valid`). num_epochs=None: forever.
     """
 
     def __init__(self, buckets: Sequence[Hashable], load_fn: Callable[[int], dict], *, global_batch_size: int,
@@ -117,8 +119,8 @@ class Loader:
         return step, batch, errors
 
     def _bucket_filler(self, rows: np.ndarray, errors: list[DataError]) -> dict:
-        """Some loadable item of the rows' bucket, to stand in for rows that failed (it is not counted as seen:
-        its `valid` flag is False). Failures met here are not logged: they are when their own turn comes."""
+        """Some loadable item of the rows' bucket, standing in for rows that failed (not counted as seen: its
+        `valid` flag is False). Failures met here are not logged: they are when their own turn comes."""
         bucket = self.bucket_ids[rows[0]]
         for j in np.flatnonzero(self.bucket_ids == bucket):
             if j in rows:
@@ -171,9 +173,9 @@ def manifest_loader(items: Sequence[ManifestItem], *, global_batch_size: int, se
     source uint8 [H, W, 3] at the edit size of its bucket, and target (same size, or None). `target_area` is
     the pipeline's 1024 * 1024; smaller values give the same aspect buckets at a lower resolution (CPU demos).
 
-    Every source header is probed first: missing, unreadable, oversized or extreme-aspect items are left out of
-    the plan and counted in the loader's `skips`; damage only found when decoding (a truncated file) masks that
-    row out of its batch (`valid`).
+    Every source header is probed first: missing, unreadable, oversized or extreme-aspect items are left out
+    of the plan and counted in the loader's `skips`; damage only found when decoding (a truncated file) masks
+    that row out of its batch (`valid`).
     """
     skips = SkipLog()
     kept, buckets = [], []

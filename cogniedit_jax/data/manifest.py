@@ -1,9 +1,9 @@
 """The manifest: one JSON object per line, the single format every data source is turned into.
 
     {"id": "seed2:split_0001:17", "source": "/data/a.jpg", "instruction": "Make the sky red",
-     "target": "/data/b.jpg",                                   # optional: the reference edit
-     "enhanced": {"info": ..., "think": ..., "answer": ..., "object": ...},   # optional: the MLLM's four parts
-     "meta": {...}}                                             # optional: free-form provenance
+     "target": "/data/b.jpg",                                  # optional: the reference edit
+     "enhanced": {"info": ..., "think": ..., "answer": ..., "object": ...},  # optional: the MLLM's parts
+     "meta": {...}}                                            # optional: free-form provenance
 
 Relative image paths are relative to the manifest's folder. Reading validates every line and skips bad ones
 with a `DataError` naming `file:line`, so a long run never dies on one line.
@@ -19,7 +19,7 @@ from pathlib import Path
 from cogniedit_jax.data.errors import DataError, SkipLog
 from cogniedit_jax.data.images import DEFAULT_MAX_PIXELS, probe_size
 
-# The four parts of a knowledge-enhanced instruction (paper appendix 9, eq. 11), in the order the MLLM writes them.
+# The four parts of a knowledge-enhanced instruction (paper appendix 9, eq. 11), in the MLLM's order.
 ENHANCED_PARTS = ("info", "think", "answer", "object")
 _FIELDS = ("id", "source", "instruction", "target", "enhanced", "meta")
 
@@ -59,7 +59,8 @@ def check_text(value, where: str, field: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # json accepts lone surrogates ("\ud800") that no encoder can write
-        raise DataError(where, "bad_text", f"field {field!r} is not valid UTF-8 text ({e.reason} at {e.start})")
+        raise DataError(where, "bad_text",
+                        f"field {field!r} is not valid UTF-8 text ({e.reason} at {e.start})")
     text = value.strip()
     if not text:
         raise DataError(where, "empty_instruction", f"field {field!r} is empty")
@@ -68,7 +69,8 @@ def check_text(value, where: str, field: str) -> str:
 
 def _check_path(value, where: str, field: str, base: Path) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise DataError(where, "bad_field", f"field {field!r} must be a non-empty path string, found {value!r}")
+        raise DataError(where, "bad_field",
+                        f"field {field!r} must be a non-empty path string, found {value!r}")
     return str(base / value) if not os.path.isabs(value) else value
 
 
@@ -107,8 +109,8 @@ def item_from_json(obj, where: str, base: Path = Path(".")) -> ManifestItem:
 
 
 def iter_jsonl(path, skips: SkipLog | None):
-    """(where, object) for each non-blank line of a JSONL file, `where` = "path:line". Lines are decoded one by
-    one as strict UTF-8, so bad bytes cost that line only. Bad lines go to `skips` (None: raise)."""
+    """(where, object) for each non-blank line of a JSONL file, `where` = "path:line". Lines are decoded one
+    by one as strict UTF-8, so bad bytes cost that line only. Bad lines go to `skips` (None: raise)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -116,8 +118,9 @@ def iter_jsonl(path, skips: SkipLog | None):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
+                    byte, column = raw[e.start], e.start + 1
                     raise DataError(where, "bad_text",
-                                    f"line is not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                                    f"line is not valid UTF-8 (byte {byte:#04x} at column {column})")
                 if not line.strip():
                     continue
                 try:
@@ -154,7 +157,7 @@ def read_manifest(path, *, strict: bool = False) -> tuple[list[ManifestItem], Sk
 
 
 def write_manifest(path, items) -> int:
-    """Write items as JSONL (UTF-8, one object per line), atomically: a crash leaves the old file or the new one."""
+    """Write items as JSONL (UTF-8, one object a line), atomically: a crash leaves the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -176,8 +179,8 @@ def probe_item(item: ManifestItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> Mani
 
 
 def collect(candidates, make, n: int | None, skips: SkipLog) -> list:
-    """`make(c)` for candidates in order until `n` succeed (all if None); failures are logged and skipped, so a
-    seeded shuffle followed by `collect` samples n good items deterministically."""
+    """`make(c)` for candidates in order until `n` succeed (all if None); failures are logged and skipped, so
+    a seeded shuffle followed by `collect` samples n good items deterministically."""
     out = []
     for c in candidates:
         if n is not None and len(out) >= n:
