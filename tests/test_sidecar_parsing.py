@@ -6,10 +6,21 @@ import pytest
 
 from cogniedit_jax.sidecar.client import SidecarConfig, judge_rewards
 from cogniedit_jax.sidecar.judge import score_with_retries
-from cogniedit_jax.sidecar.parsing import (JudgeParseError, parse_decomposition, parse_judge_scores,
-                                           reward_from_scores, validate_scores)
+from cogniedit_jax.sidecar.parsing import (
+    JudgeParseError,
+    parse_decomposition,
+    parse_judge_scores,
+    reward_from_scores,
+    validate_scores,
+)
 from cogniedit_jax.sidecar.prompts import fill, load_template
-from cogniedit_jax.sidecar.protocol import ProtocolError, decode_array, decode_image, encode_array, encode_image
+from cogniedit_jax.sidecar.protocol import (
+    ProtocolError,
+    decode_array,
+    decode_image,
+    encode_array,
+    encode_image,
+)
 from cogniedit_jax.sidecar.rules import get_rule_judge, register_rule_judge
 from cogniedit_jax.sidecar.server import check_bind, is_loopback
 
@@ -17,16 +28,16 @@ S4325 = {"alignment": 4.0, "coherence": 3.0, "style": 2.0, "consistency": 5.0}
 
 
 @pytest.mark.parametrize("text", [
-    "Alignment Score (1-5): 4\nCoherence Score (1-5): 3\nStyle Score (1-5): 2\nConsistency Score (1-5): 5\n"
-    "Reasons: the cat is blue.",
+    ("Alignment Score (1-5): 4\nCoherence Score (1-5): 3\nStyle Score (1-5): 2\nConsistency Score (1-5): 5\n"
+     "Reasons: the cat is blue."),
     "alignment score: 4 COHERENCE SCORE: 3 style score: 2 consistency score: 5",
-    "**Alignment Score (1-5):** 4\n**Coherence Score (1-5):** 3\n**Style Score (1-5):** 2\n"
-    "**Consistency Score (1-5):** 5",
+    ("**Alignment Score (1-5):** 4\n**Coherence Score (1-5):** 3\n**Style Score (1-5):** 2\n"
+     "**Consistency Score (1-5):** 5"),
     "### Alignment Score\n4/5\n### Coherence Score\n3 / 5\n### Style Score\n2 out of 5\n### Consistency Score\n5/5",
-    "Step 1: I look at the image. Step 2: compare.\nAlignment Score：４\nCoherence Score: 3\nStyle: 2\n"
-    "Consistency = 5\nThe alignment score is 4 because the hat is red.",
-    "```\nAlignment Score (1-5): 4.0\nCoherence Score (1-5): 3.0\nStyle Score (1-5): 2.0\n"
-    "Consistency Score (1-5): 5.0\n```",
+    ("Step 1: I look at the image. Step 2: compare.\nAlignment Score：４\nCoherence Score: 3\nStyle: 2\n"
+     "Consistency = 5\nThe alignment score is 4 because the hat is red."),
+    ("```\nAlignment Score (1-5): 4.0\nCoherence Score (1-5): 3.0\nStyle Score (1-5): 2.0\n"
+     "Consistency Score (1-5): 5.0\n```"),
 ])
 def test_judge_parser_accepts_usual_variations(text):
     assert parse_judge_scores(text) == S4325
@@ -109,8 +120,8 @@ def test_no_retries_means_one_attempt():
 
 
 @pytest.mark.parametrize("text, expect", [
-    ("<info>a red cube</info> <think>make it blue</think> <answer>Paint the cube blue.</answer> "
-     "<object>the cube, center</object>", ("a red cube", "make it blue", "Paint the cube blue.", "the cube, center")),
+    (("<info>a red cube</info> <think>make it blue</think> <answer>Paint the cube blue.</answer> "
+      "<object>the cube, center</object>"), ("a red cube", "make it blue", "Paint the cube blue.", "the cube, center")),
     # reordered, upper case, spaces in tags, a missing closing tag
     ("<OBJECT>the cube</object>\n< answer >Paint it blue.\n<think>t</think><info>i</info>",
      ("i", "t", "Paint it blue.", "the cube")),

@@ -6,4 +6,4 @@ Importing this package imports neither torch nor transformers: the client side n
 from cogniedit_jax.sidecar.parsing import JudgeParseError, parse_judge_scores, reward_from_scores
 from cogniedit_jax.sidecar.rules import register_rule_judge
 
-__all__ = ["JudgeParseError", "parse_judge_scores", "reward_from_scores", "register_rule_judge"]
+__all__ = ["JudgeParseError", "parse_judge_scores", "register_rule_judge", "reward_from_scores"]

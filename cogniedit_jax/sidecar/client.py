@@ -73,7 +73,7 @@ class SidecarConfig:
     image_format: str = "raw"  # or "png"
 
     @classmethod
-    def from_dict(cls, d) -> "SidecarConfig":
+    def from_dict(cls, d) -> SidecarConfig:
         d = dict(d)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

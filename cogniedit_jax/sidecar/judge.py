@@ -8,7 +8,7 @@ A judge (this one or a rule judge, `rules.py`) maps items `{"edited", "source", 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from cogniedit_jax.sidecar.parsing import JudgeParseError, parse_judge_scores
 from cogniedit_jax.sidecar.prompts import fill, load_template
@@ -43,7 +43,7 @@ class VLJudge:
                  temperature: float = 0.7, top_p: float = 0.9, seed: int = 0):
         self.vl, self.max_new_tokens, self.retries, self.seed = vl, max_new_tokens, retries, seed
         self.template = load_template("judge", template_path)
-        self.sampling = dict(temperature=temperature, top_p=top_p)
+        self.sampling = {"temperature": temperature, "top_p": top_p}
         self.backend = "vl"
 
     def score(self, items: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ import the module that registers NAME first.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from cogniedit_jax.sidecar.judge import judge_result
 from cogniedit_jax.sidecar.parsing import JudgeParseError, parse_judge_scores, validate_scores

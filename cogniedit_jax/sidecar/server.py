@@ -34,8 +34,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cogniedit_jax.sidecar.protocol import (PROTOCOL_VERSION, TOKEN_HEADER, ProtocolError, decode_image,
-                                            encode_array)
+from cogniedit_jax.sidecar.protocol import (
+    PROTOCOL_VERSION,
+    TOKEN_HEADER,
+    ProtocolError,
+    decode_image,
+    encode_array,
+)
 
 log = logging.getLogger("cogniedit_jax.sidecar")
 TOKEN_ENV = "COGNIEDIT_SIDECAR_TOKEN"
@@ -83,7 +88,7 @@ class Batcher:
                 results = self._run([it for s in slots for it in s["items"]])
                 for s in slots:
                     s["results"], results = results[:len(s["items"])], results[len(s["items"]):]
-            except Exception:
+            except Exception:  # noqa: BLE001 (any model failure: retried per request below)
                 # Run each request alone so that one bad request fails only itself.
                 for s in slots:
                     try:

@@ -135,6 +135,6 @@ def generate(vl: VLModel, images: list[list[np.ndarray]], texts: list[str], max_
                            padding_side="left", return_tensors="pt").to(vl.device)
         if seed is not None:
             torch.manual_seed(seed)
-        kwargs = dict(do_sample=True, **sampling) if sampling else dict(do_sample=False)
+        kwargs = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
         out = vl.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
