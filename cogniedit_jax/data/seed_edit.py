@@ -5,8 +5,10 @@ the Hugging Face data set AILab-CVC/SEED-Data-Edit-Part2-3:
     SEED-Data-Edit-Part2-3/real_editing/images/          (images.tar.gz unpacked here: tar -xzf images.tar.gz)
 
 Each annotation line is SEED-Data-Edit's single-turn record {"source_image": REL, "target_image": REL,
-"instruction": TEXT}, image paths relative to real_editing/images. (Part 3, multi_turn_editing, uses
-source_image / instruction_N / edit_image_N and is not read here: the paper samples part 2 only.)
+"instruction": TEXT} (the format its maintainers give for SEED-X's single-turn edit loader; DanceGRPO's
+Qwen-Image-Edit recipe reads source_image and instruction from these files), image paths relative to
+real_editing/images. A row without those keys is reported with the keys it has. Part 3 (multi_turn_editing:
+source_image / instruction_N / edit_image_N) is not read: the paper samples part 2 only.
 
 The paper samples 3k pairs (appendix 8.2): `read_seed_edit(root, n=3000, seed=S)` shuffles the valid
 annotation lines with `seed` and keeps the first n whose two images exist and have sane headers.
