@@ -1,0 +1,1 @@
+"""GRPO for the edit policy: rollouts, advantages, the dense GRPO loss."""
