@@ -72,7 +72,7 @@ def rule_client(tmp_path_factory):
     client = SidecarClient({"spawn": True, "rule_judge": "tests.test_sidecar_server:scripted", "token": TOKEN,
                             "timeout_s": 60, "backoff_s": 0.2,
                             "log_file": str(tmp_path_factory.mktemp("logs") / "rule.log"),
-                            "extra_args": ["--max-request-mb", "1", "--max-image-pixels", "100000"]})
+                            "extra_args": ["--max-request-mb", "1", "--max-image-pixels", "100000", "--max-items", "4"]})
     try:
         with client:
             yield client
@@ -288,6 +288,15 @@ def test_oversized_request_and_image_are_refused_and_serving_goes_on(rule_client
     status, out = _post(rule_client.url, "/encode", json.dumps({"items": []}).encode())
     assert status == 404 and "does not serve /encode" in out["error"]
     assert rule_client.judge([ok], [ok], ["x"])[0]["valid"]  # still serving
+
+
+def test_client_splits_requests_to_fit_the_limits(rule_client):
+    """Items over --max-items (4) or over --max-request-mb (1 MB) together go in several requests."""
+    many = images(15, [(8, 8)] * 6)
+    large = images(16, [(300, 300)] * 3)  # 0.72 MB per item as base64: one request each
+    for edited in (many, large):
+        results = rule_client.judge(edited, edited, ["x"] * len(edited))
+        assert [r["scores"] for r in results] == [pytest.approx(scripted(e, e, "")) for e in edited]
 
 
 def test_killed_sidecar_is_restarted(rule_client):

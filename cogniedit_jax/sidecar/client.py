@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cogniedit_jax.sidecar.encoder import pad_embeddings
 from cogniedit_jax.sidecar.parsing import reward_from_scores
 from cogniedit_jax.sidecar.protocol import TOKEN_HEADER, decode_array, encode_image
 
@@ -198,12 +199,11 @@ class SidecarClient:
         with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
             return json.loads(resp.read())
 
-    def _request(self, endpoint: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
+    def _request(self, endpoint: str, data: bytes | None = None) -> dict:
         limit = self.limits.get("max_request_bytes")
         if data is not None and limit and len(data) > limit:
             raise SidecarRequestError(f"/{endpoint}: request of {len(data)} bytes is over the sidecar's limit of "
-                                      f"{limit} (--max-request-mb); send fewer or smaller images", 413)
+                                      f"{limit} (--max-request-mb); send smaller images", 413)
         last: BaseException | None = None
         for attempt in range(self.config.retries + 1):
             if attempt:
@@ -226,6 +226,21 @@ class SidecarClient:
                                  f"{self.config.retries + 1} attempts") from last
         raise SidecarError(f"/{endpoint} failed after {self.config.retries + 1} attempts: {last}") from last
 
+    def _post_items(self, endpoint: str, items: list[dict]) -> list[dict]:
+        """POST the items in as few requests as the sidecar's item and size limits allow; one answer each."""
+        if not self.limits:
+            self.health()
+        parts = [json.dumps(it) for it in items]
+        max_items, max_bytes = self.limits.get("max_items", len(parts)), self.limits.get("max_request_bytes")
+        chunks, size = [[]], 0
+        for part in parts:
+            if chunks[-1] and (len(chunks[-1]) == max_items or (max_bytes and size + len(part) + 16 > max_bytes)):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(part)
+            size += len(part) + 1
+        return [self._request(endpoint, ('{"items": [' + ",".join(c) + "]}").encode()) for c in chunks]
+
     def health(self) -> dict:
         health = self._request("health")
         self.limits = health.get("limits", {})
@@ -239,28 +254,33 @@ class SidecarClient:
         them into rewards. Invalid results carry no scores."""
         items = [{"edited": e, "source": s, "instruction": t}
                  for e, s, t in zip(self._images(edited), self._images(sources), instructions, strict=True)]
-        out = self._request("judge", {"items": items})
-        if out["invalid"]:
+        results = [r for out in self._post_items("judge", items) for r in out["results"]]
+        invalid = sum(not r["valid"] for r in results)
+        if invalid:
             log.warning("judge: %d of %d answers unreadable after retries; those samples are invalid",
-                        out["invalid"], len(items))
-        return out["results"]
+                        invalid, len(items))
+        return results
 
     def decompose(self, images, instructions: list[str]) -> list[dict]:
         """One result per item: {"info", "think", "answer", "object", "instruction", "fallback", "missing",
         "text"}; "instruction" is the enriched instruction, or the original one when `fallback`."""
         items = [{"image": im, "instruction": t} for im, t in zip(self._images(images), instructions, strict=True)]
-        out = self._request("decompose", {"items": items})
-        if out["fallbacks"]:
+        results = [r for out in self._post_items("decompose", items) for r in out["results"]]
+        fallbacks = sum(r["fallback"] for r in results)
+        if fallbacks:
             log.warning("decompose: %d of %d answers had no <answer>; kept the original instruction",
-                        out["fallbacks"], len(items))
-        return out["results"]
+                        fallbacks, len(items))
+        return results
 
     def encode(self, images, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Qwen-Image-Edit's (prompt_embeds [B, L, D], prompt_embeds_mask [B, L] int64) for source images and
         instructions, as the diffusers pipeline's encode_prompt builds them (mask always present)."""
         items = [{"image": im, "prompt": p} for im, p in zip(self._images(images), prompts, strict=True)]
-        out = self._request("encode", {"items": items})
-        return decode_array(out["embeds"], "embeds"), decode_array(out["mask"], "mask")
+        rows = []
+        for out in self._post_items("encode", items):
+            embeds, mask = decode_array(out["embeds"], "embeds"), decode_array(out["mask"], "mask")
+            rows += [e[:n] for e, n in zip(embeds, mask.sum(1))]
+        return pad_embeddings(rows)
 
 
 def judge_rewards(results: list[dict], normalization: str = "sum") -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,8 @@ class Batcher:
         out = []
         for start in range(0, len(items), self.max_batch):
             out += self.fn(items[start:start + self.max_batch])
+        if len(out) != len(items):
+            raise RuntimeError(f"{self.name} returned {len(out)} results for {len(items)} items")
         return out
 
     def _gather(self) -> list[dict]:
