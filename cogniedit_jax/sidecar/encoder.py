@@ -13,16 +13,17 @@ The pipeline's steps, each reproduced here and checked against the pipeline in t
 
 Step 4 passes no `mm_token_type_ids`, so with transformers 5 the model falls back to plain 1-D positions
 instead of Qwen2.5-VL's 3-D (t, h, w) image positions. That is what the pipeline computes today, so it is the
-default (`positions="pipeline"`); `positions="mrope"` gives the 3-D positions the model was trained with.
+default (`positions="pipeline"`); `positions="mrope"` passes them and gets Qwen2.5-VL's 3-D positions, as
+transformers 4.x computed them for the same call.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
+from cogniedit_jax.data.buckets import TARGET_AREA, edit_dimensions, resize_to
 from cogniedit_jax.sidecar.vl import VLModel, to_pil
 
 log = logging.getLogger("cogniedit_jax.sidecar")
@@ -36,24 +37,15 @@ EDIT_TEMPLATE = (
     "<|im_start|>assistant\n"
 )
 TEMPLATE_DROP = 64
-CONDITION_AREA = 1024 * 1024
+CONDITION_AREA = TARGET_AREA
 POSITIONS = ("pipeline", "mrope")
 
 
-def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple[int, int]:
-    """(width, height) the pipeline resizes the source image to: `area` pixels at the image's aspect ratio,
-    each side rounded to a multiple of 32 (Python's round, as the pipeline's `calculate_dimensions`)."""
-    ratio = width / height
-    w = math.sqrt(area * ratio)
-    return round(w / 32) * 32, round(w / ratio / 32) * 32
-
-
 def condition_image(image: np.ndarray, area: int = CONDITION_AREA):
-    """The source image as the pipeline hands it to the processor: a PIL image, Lanczos-resized."""
-    from PIL import Image
-
+    """The source image as the pipeline hands it to the processor: a PIL image, Lanczos-resized to the
+    pipeline's ~1 MP edit size (`data.buckets`, equal to diffusers' `calculate_dimensions` and resize)."""
     pil = to_pil(image)
-    return pil.resize(condition_size(pil.width, pil.height, area), resample=Image.Resampling.LANCZOS)
+    return resize_to(pil, *edit_dimensions(pil.width, pil.height, area))
 
 
 def template_prefix_tokens(tokenizer) -> int:
