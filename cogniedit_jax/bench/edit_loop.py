@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cogniedit_jax.bench.mmdit import (
+    add_model_args,
     OtherLoad,
     bench_config,
     compile_timed,
@@ -47,10 +48,7 @@ from cogniedit_jax.sampling.schedule import SchedulerConfig, make_schedule
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--joint-dim", type=int, default=512)
+    add_model_args(ap)
     ap.add_argument("--side", type=int, default=256, help="source and output side in pixels (multiple of 16)")
     ap.add_argument("--txt", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)

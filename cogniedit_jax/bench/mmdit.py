@@ -53,6 +53,15 @@ def random_diffusers_model(cfg: MMDiTConfig, seed: int):
     return random_diffusers_transformer(seed, **cfg.to_diffusers())
 
 
+def add_model_args(ap):
+    """The model-size flags every benchmark shares; `bench_config(args.layers, args.dim, args.heads,
+    args.joint_dim)` builds the config."""
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=512, help="inner dim = heads * head dim")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--joint-dim", type=int, default=512, help="joint_attention_dim (text-encoder width)")
+
+
 def bench_config(layers: int, dim: int, heads: int, joint_dim: int) -> MMDiTConfig:
     """A real-shaped (64 -> 16 channels) model of the given width and depth."""
     hd = dim // heads
@@ -256,10 +265,7 @@ def compile_timed(fn, *args):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=512, help="inner dim = heads * head dim")
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--joint-dim", type=int, default=512, help="joint_attention_dim (text-encoder width)")
+    add_model_args(ap)
     ap.add_argument("--img", type=int, default=512, help="image tokens (target + condition image)")
     ap.add_argument("--txt", type=int, default=64, help="text tokens")
     ap.add_argument("--batch", type=int, default=2)
