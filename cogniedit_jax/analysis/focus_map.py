@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
     grid, source = tuple(args.grid), None
     if args.random_tiny:
         k_params, k_text, k_focus = jax.random.split(jax.random.key(args.seed), 3)
-        cfg, params = TINY, init_params(TINY, k_params)
+        cfg, params = TINY, jax.jit(init_params, static_argnums=0)(TINY, k_params)  # one compile, not one per tensor
         tokens = args.instruction.split()
         embeds = jax.random.normal(k_text, (1, len(tokens), cfg.joint_attention_dim))
         mask = np.ones((1, len(tokens)), np.int32)
