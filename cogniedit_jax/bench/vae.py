@@ -5,8 +5,10 @@
 A random diffusers VAE (the real architecture at width --base-dim; 96 is the real model) is saved with
 `save_pretrained` and converted through the real path (`convert_vae` -> `load_vae`). Timed: encode (the
 posterior mean) and decode of a --size^2 image, diffusers under `torch.no_grad()` vs ours under `jax.jit`
-(compile time reported apart). Each time is the median of --repeats rounds after one warm-up, the two
-sides taking turns. Needs the `torch` extra.
+(compile time reported apart; ours as AOT-compiled executables). Each time is the median of --repeats
+rounds after one warm-up round, all four taking turns within a round; the CPU time other processes took
+meanwhile is reported (torch suffers far more than XLA from a busy core: trust runs where it is ~0).
+Needs the `torch` extra.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import statistics
 import tempfile
 import time
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from cogniedit_jax.bench.mmdit import OtherLoad, cpu_name, interleaved, rel_err
 from cogniedit_jax.bench.reference import randomize_
 from cogniedit_jax.models import load_vae, vae_decode, vae_encode
 from cogniedit_jax.models.vae_mapping import convert_vae
@@ -39,15 +40,6 @@ def random_diffusers_vae(seed: int, **config):
         for p in model.decoder.conv_out.parameters():
             p.mul_(0.2)
     return model
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv=None) -> None:
@@ -78,26 +70,29 @@ def main(argv=None) -> None:
     decode = vae_decode.lower(cfg, params, z_jax).compile()
     compile_s = time.perf_counter() - start
 
-    cases = {
-        "encode": (lambda: model.encode(x).latent_dist.mean, lambda: encode(params, x_jax).block_until_ready()),
-        "decode": (lambda: model.decode(z).sample, lambda: decode(params, z_jax).block_until_ready()),
-    }
-    print(f"VAE base_dim {args.base_dim} ({n_params / 1e6:.1f}M params), fp32, batch {args.batch}, "
-          f"{args.size}x{args.size}, torch threads {args.threads}; our compile {compile_s:.1f} s")
-    print(f"{'case':<8} {'diffusers s':>12} {'ours s':>8} {'ratio':>6}")
-    totals = [0.0, 0.0]
+    other = OtherLoad()
     with torch.no_grad():
-        for name, (theirs, ours) in cases.items():
-            theirs(), ours()  # warm-up
-            rounds = [(_timed(theirs, 1)[0], _timed(ours, 1)[0]) for _ in range(args.repeats)]
-            t, o = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
-            totals[0] += t
-            totals[1] += o
-            print(f"{name:<8} {t:>12.3f} {o:>8.3f} {t / o:>6.2f}")
-        print(f"{'total':<8} {totals[0]:>12.3f} {totals[1]:>8.3f} {totals[0] / totals[1]:>6.2f}  "
-              "(ratio = diffusers / ours)")
-        err = np.abs(np.asarray(encode(params, x_jax)) - model.encode(x).latent_dist.mean[:, :, 0].numpy()).max()
-    print(f"encode max abs difference: {err:.2e}")
+        times = interleaved({
+            "diffusers encode": lambda: model.encode(x).latent_dist.mean,
+            "ours encode": lambda: encode(params, x_jax).block_until_ready(),
+            "diffusers decode": lambda: model.decode(z).sample,
+            "ours decode": lambda: decode(params, z_jax).block_until_ready(),
+        }, args.repeats, warmup=1)
+        errors = {"encode": rel_err(encode(params, x_jax), model.encode(x).latent_dist.mean[:, :, 0].numpy()),
+                  "decode": rel_err(decode(params, z_jax), model.decode(z).sample[:, :, 0].numpy())}
+    other_cores = other.cores()
+
+    print(f"VAE base_dim {args.base_dim} ({n_params / 1e6:.1f}M params), fp32, batch {args.batch}, "
+          f"{args.size}x{args.size}, {cpu_name()}, torch threads {args.threads}; our compile {compile_s:.1f} s")
+    print(f"{'case':<8} {'diffusers s':>12} {'ours s':>8} {'ratio':>6} {'rel err':>8}")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for case in ("encode", "decode"):
+        t, o = median[f"diffusers {case}"], median[f"ours {case}"]
+        print(f"{case:<8} {t:>12.3f} {o:>8.3f} {t / o:>6.2f} {errors[case]:>8.1e}")
+    t, o = median["diffusers encode"] + median["diffusers decode"], median["ours encode"] + median["ours decode"]
+    print(f"{'total':<8} {t:>12.3f} {o:>8.3f} {t / o:>6.2f}  (ratio = diffusers / ours)")
+    if other_cores is not None:
+        print(f"other processes used {other_cores:.2f} cores on average during the timed runs")
 
 
 if __name__ == "__main__":
