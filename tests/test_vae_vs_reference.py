@@ -224,7 +224,13 @@ def test_wrong_input_channels_are_named(converted):
         vae_decode(cfg, params, jnp.zeros((1, 16, 5, 7)))
 
 
-def test_config_refusals():
+def test_config_refusals(tmp_path):
+    path = tmp_path / "config.json"
+    VAEConfig(z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4).to_json(path)
+    assert VAEConfig.from_json(path, dtype="bfloat16").latents_std == (1.0,) * 4
+    path.write_text(path.read_text().replace('"z_dim"', '"zdim"'))
+    with pytest.raises(ValueError, match=f"{path}: .*'zdim'"):
+        VAEConfig.from_json(path)
     with pytest.raises(ValueError, match="attn_scales"):
         VAEConfig(attn_scales=(0.5,))
     with pytest.raises(ValueError, match="tile_sample_stride_width=300"):

@@ -158,12 +158,20 @@ def _tiled(fn, x, tile, stride, out_tile, out_stride, out_size):
     return jnp.concatenate(rows, axis=1)[:, :out_size[0], :out_size[1]]
 
 
-def _tile_geometry(cfg: VAEConfig):
-    """(sample tile, sample stride, latent tile, latent stride), each (H, W)."""
+def _apply(cfg: VAEConfig, network, params, array, encoding: bool):
+    """NCHW `array` -> `network`'s NHWC output, in tiles as diffusers cuts them where tiling is on and the
+    input is larger than one tile (tile sizes are set in pixels; the decoder's input tiles are latents)."""
+    x = jnp.transpose(array, (0, 2, 3, 1)).astype(jnp.dtype(cfg.dtype))
+    fn = functools.partial(network, cfg, params)
     r = cfg.spatial_compression_ratio
-    tile = (cfg.tile_sample_min_height, cfg.tile_sample_min_width)
-    stride = (cfg.tile_sample_stride_height, cfg.tile_sample_stride_width)
-    return tile, stride, tuple(t // r for t in tile), tuple(s // r for s in stride)
+    sample = ((cfg.tile_sample_min_height, cfg.tile_sample_min_width),
+              (cfg.tile_sample_stride_height, cfg.tile_sample_stride_width))
+    latent = tuple(tuple(v // r for v in pair) for pair in sample)
+    (tile, stride), (out_tile, out_stride) = (sample, latent) if encoding else (latent, sample)
+    if not cfg.use_tiling or (x.shape[1] <= tile[0] and x.shape[2] <= tile[1]):
+        return fn(x)
+    out_size = tuple(s // r if encoding else s * r for s in x.shape[1:3])
+    return _tiled(fn, x, tile, stride, out_tile, out_stride, out_size)
 
 
 # --- the public functions (NCHW) ---------------------------------------------------------------------------
@@ -178,15 +186,7 @@ def _check_channels(array, expected: int, what: str, field: str):
 def _moments(cfg: VAEConfig, params, images):
     """-> (mean, logvar), NHWC."""
     _check_channels(images, cfg.input_channels, "images", "input_channels")
-    x = jnp.transpose(images, (0, 2, 3, 1)).astype(cfg.compute_dtype)
-    encode = functools.partial(_encoder, cfg, params)
-    tile, stride, latent_tile, latent_stride = _tile_geometry(cfg)
-    if cfg.use_tiling and (x.shape[1] > tile[0] or x.shape[2] > tile[1]):
-        r = cfg.spatial_compression_ratio
-        h = _tiled(encode, x, tile, stride, latent_tile, latent_stride, (x.shape[1] // r, x.shape[2] // r))
-    else:
-        h = encode(x)
-    return jnp.split(h, 2, axis=-1)
+    return jnp.split(_apply(cfg, _encoder, params, images, encoding=True), 2, axis=-1)
 
 
 def _nchw(x):
@@ -214,15 +214,7 @@ def vae_decode(cfg: VAEConfig, params, latents):
     """Un-normalised latents [B, z_dim, h, w] -> images [B, C, 8h, 8w] clamped to [-1, 1] (diffusers'
     `decode(z).sample` without the frame axis; diffusers' tiled decode skips the clamp, ours does not)."""
     _check_channels(latents, cfg.z_dim, "latents", "z_dim")
-    z = jnp.transpose(latents, (0, 2, 3, 1)).astype(cfg.compute_dtype)
-    decode = functools.partial(_decoder, cfg, params)
-    tile, stride, latent_tile, latent_stride = _tile_geometry(cfg)
-    if cfg.use_tiling and (z.shape[1] > latent_tile[0] or z.shape[2] > latent_tile[1]):
-        r = cfg.spatial_compression_ratio
-        x = _tiled(decode, z, latent_tile, latent_stride, tile, stride, (z.shape[1] * r, z.shape[2] * r))
-    else:
-        x = decode(z)
-    return _nchw(jnp.clip(x, -1.0, 1.0))
+    return _nchw(jnp.clip(_apply(cfg, _decoder, params, latents, encoding=False), -1.0, 1.0))
 
 
 def _latent_stats(cfg: VAEConfig, latents):
@@ -263,5 +255,5 @@ def load_vae(path, **runtime) -> tuple[VAEConfig, dict]:
         check_tensors({t.ours: t.shape for t in plan}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                       str(file))
         # 127M parameters: the whole VAE fits in host memory at once.
-        flat = {t.ours: jnp.asarray(f.get_tensor(t.ours), cfg.compute_dtype) for t in plan}
+        flat = {t.ours: jnp.asarray(f.get_tensor(t.ours), jnp.dtype(cfg.dtype)) for t in plan}
     return cfg, traverse_util.unflatten_dict(flat, sep="/")
