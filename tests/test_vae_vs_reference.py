@@ -99,6 +99,16 @@ def test_encode_and_decode_match_diffusers(model, converted, size):
     assert relative_error(decoded, ref) <= 1e-4
 
 
+def test_attention_query_chunks_change_nothing(converted):
+    """The mid-block runs on 9 x 7 = 63 latent positions: 4 chunks of 16 queries, the last one padded. Equal
+    up to fp32 summation order (other matmul shapes), which the decoder amplifies to ~3e-6."""
+    cfg, params = load_vae(converted)
+    x, z = jnp.asarray(images((72, 56)).numpy()), jnp.asarray(latents((9, 7)).numpy())
+    chunked = cfg.replace(attention_query_chunk=16)
+    assert relative_error(vae_encode(chunked, params, x), vae_encode(cfg, params, x)) <= 1e-5
+    assert relative_error(vae_decode(chunked, params, z), vae_decode(cfg, params, z)) <= 1e-5
+
+
 def test_sample_is_mean_plus_std_times_key_noise(model, converted):
     cfg, params = load_vae(converted)
     x = images(IMAGE_SIZES[0])

@@ -56,13 +56,26 @@ def _resnet(p, x):
     return x + shortcut
 
 
-def _attention(p, x):
+def _attention(p, x, query_chunk: int):
     """Single-head self-attention over all H*W positions."""
     b, h, w, c = x.shape
     qkv = _conv(p["to_qkv"], _rms_norm(p["norm"], x)).reshape(b, h * w, 1, 3 * c)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    out = jax.nn.dot_product_attention(q, k, v)
-    return x + _conv(p["proj"], out.reshape(b, h, w, c))
+    return x + _conv(p["proj"], _query_chunked_attention(q, k, v, query_chunk).reshape(b, h, w, c))
+
+
+def _query_chunked_attention(q, k, v, chunk: int):
+    """Attention with the queries taken `chunk` at a time (`lax.map`). A 1024^2 image has 16384 latent
+    positions, whose [T, T] fp32 scores take 1 GiB per image; a chunk holds chunk x T of them. Query rows
+    are independent, so chunking (and padding the last chunk) changes nothing but memory."""
+    b, t, heads, c = q.shape
+    if t <= chunk:
+        return jax.nn.dot_product_attention(q, k, v)
+    n = -(-t // chunk)
+    q = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0)))
+    chunks = jnp.moveaxis(q.reshape(b, n, chunk, heads, c), 1, 0)
+    out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v), chunks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, heads, c)[:, :t]
 
 
 def _downsample(p, x):
@@ -75,9 +88,9 @@ def _upsample(p, x):
     return _conv(p["resample"], jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
-def _mid_block(p, x):
+def _mid_block(cfg: VAEConfig, p, x):
     x = _resnet(p["resnets"]["0"], x)
-    return _resnet(p["resnets"]["1"], _attention(p["attentions"]["0"], x))
+    return _resnet(p["resnets"]["1"], _attention(p["attentions"]["0"], x, cfg.attention_query_chunk))
 
 
 def _head(p, x):
@@ -93,12 +106,12 @@ def _encoder(cfg: VAEConfig, params, x):
     x = _conv(p["conv_in"], x)
     for i, layer in enumerate(encoder_layers(cfg)):
         x = _ENCODER_LAYERS[layer.kind](p["down_blocks"][str(i)], x)
-    return _conv(params["quant_conv"], _head(p, _mid_block(p["mid_block"], x)))
+    return _conv(params["quant_conv"], _head(p, _mid_block(cfg, p["mid_block"], x)))
 
 
 def _decoder(cfg: VAEConfig, params, z):
     p = params["decoder"]
-    x = _mid_block(p["mid_block"], _conv(p["conv_in"], _conv(params["post_quant_conv"], z)))
+    x = _mid_block(cfg, p["mid_block"], _conv(p["conv_in"], _conv(params["post_quant_conv"], z)))
     for i, block in enumerate(decoder_blocks(cfg)):
         bp = p["up_blocks"][str(i)]
         for r in range(cfg.num_res_blocks + 1):

@@ -35,7 +35,7 @@ _LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.
                  0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 _LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
                 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-_RUN_FIELDS = ("dtype", "use_tiling", "tile_sample_min_height", "tile_sample_min_width",
+_RUN_FIELDS = ("dtype", "attention_query_chunk", "use_tiling", "tile_sample_min_height", "tile_sample_min_width",
                "tile_sample_stride_height", "tile_sample_stride_width")
 
 
@@ -59,6 +59,7 @@ class VAEConfig:
     latents_std: tuple[float, ...] = _LATENTS_STD
     # How we run it (not in diffusers' config).
     dtype: str = "float32"
+    attention_query_chunk: int = 4096  # mid-block attention: queries per step (bounds its [T, T] scores)
     use_tiling: bool = False
     tile_sample_min_height: int = 256
     tile_sample_min_width: int = 256
@@ -79,6 +80,8 @@ class VAEConfig:
                 errors.append(f"{name} has {len(getattr(self, name))} entries, z_dim is {self.z_dim}")
         if self.dtype not in DTYPES:
             errors.append(f"dtype={self.dtype!r}: expected one of {DTYPES}")
+        if self.attention_query_chunk < 1:
+            errors.append(f"attention_query_chunk={self.attention_query_chunk}: must be >= 1")
         r = self.spatial_compression_ratio
         for axis in ("height", "width"):
             size, stride = getattr(self, f"tile_sample_min_{axis}"), getattr(self, f"tile_sample_stride_{axis}")
