@@ -62,6 +62,7 @@ class SidecarConfig:
     rule_judge: str | None = None
     decomposer: str | None = None
     encoder: str | None = None
+    chat: str | None = None
     device: str = "auto"
     extra_args: tuple = ()  # more server flags, e.g. ("--max-batch", "16")
     token: str | None = None  # else $COGNIEDIT_SIDECAR_TOKEN
@@ -117,7 +118,7 @@ class SidecarClient:
     def _server_args(self) -> list[str]:
         c = self.config
         args = ["--device", c.device]
-        for flag in ("judge", "rule_judge", "decomposer", "encoder"):
+        for flag in ("judge", "rule_judge", "decomposer", "encoder", "chat"):
             if getattr(c, flag):
                 args += [f"--{flag.replace('_', '-')}", str(getattr(c, flag))]
         return args + [str(a) for a in c.extra_args]
@@ -281,6 +282,17 @@ class SidecarClient:
             embeds, mask = decode_array(out["embeds"], "embeds"), decode_array(out["mask"], "mask")
             rows += [e[:n] for e, n in zip(embeds, mask.sum(1))]
         return pad_embeddings(rows)
+
+
+    def chat(self, turns: list[list[dict]], max_new_tokens: int = 512, temperature: float | None = None,
+             top_p: float | None = None, seed: int | None = None) -> list[str]:
+        """One answer per turn; a turn is a list of parts `{"text": str}` or `{"image": uint8 [H, W, 3]}` in the
+        order the model sees them. Greedy without a temperature."""
+        items = [{"content": [{"image": encode_image(p["image"], self.config.image_format)} if "image" in p
+                              else {"text": p["text"]} for p in turn],
+                  "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+                 for turn in turns]
+        return [r["text"] for out in self._post_items("chat", items) for r in out["results"]]
 
 
 def judge_rewards(results: list[dict], normalization: str = "sum") -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,11 @@ def judge_result(text: str, attempts: int, scores: dict | None = None, error: st
     return {"valid": scores is not None, "scores": scores, "attempts": attempts, "text": text, "error": error}
 
 
-def score_with_retries(answer: Callable[[list[int], int], list[str]], n: int, retries: int) -> list[dict]:
-    """Ask `answer(indices, attempt)` for the items still without a readable answer, at most 1 + `retries`
-    times; attempt 0 is the greedy one. Each result records the attempts it took and its last answer."""
+def score_with_retries(answer: Callable[[list[int], int], list[str]], n: int, retries: int,
+                       parse: Callable[[str], dict] = parse_judge_scores) -> list[dict]:
+    """Ask `answer(indices, attempt)` for the items still without an answer `parse` can read (it raises
+    `JudgeParseError` otherwise), at most 1 + `retries` times; attempt 0 is the greedy one. Each result records
+    the attempts it took and its last answer."""
     results: list[dict] = [{}] * n
     pending = list(range(n))
     for attempt in range(retries + 1):
@@ -30,7 +32,7 @@ def score_with_retries(answer: Callable[[list[int], int], list[str]], n: int, re
         failed = []
         for i, text in zip(pending, answer(pending, attempt)):
             try:
-                results[i] = judge_result(text, attempt + 1, scores=parse_judge_scores(text))
+                results[i] = judge_result(text, attempt + 1, scores=parse(text))
             except JudgeParseError as e:
                 results[i] = judge_result(text, attempt + 1, error=str(e))
                 failed.append(i)

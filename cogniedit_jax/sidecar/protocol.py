@@ -15,7 +15,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 TOKEN_HEADER = "Authorization"  # "Bearer <token>"
-ENDPOINTS = ("health", "judge", "decompose", "encode")
+ENDPOINTS = ("health", "judge", "decompose", "encode", "chat")
 
 
 class ProtocolError(ValueError):

@@ -8,6 +8,7 @@ Endpoints (JSON; arrays and images as in `protocol.py`):
     POST /judge      {"items": [{"edited", "source", "instruction"}]}   -> {"results", "invalid", "backend"}
     POST /decompose  {"items": [{"image", "instruction"}]}              -> {"results", "fallbacks"}
     POST /encode     {"items": [{"image", "prompt"}]}                   -> {"embeds", "mask", "positions"}
+    POST /chat       {"items": [{"content": [{"text"} | {"image"}], ...}]} -> {"results": [{"text"}]}
 
 Each role has one worker thread that gathers the items of concurrent requests into batches of up to
 `--max-batch`; HTTP requests are served on their own threads, so /health answers while a model is busy.
@@ -137,7 +138,7 @@ def _text(item: dict, key: str, where: str) -> str:
 class Sidecar:
     """The roles this process serves, their batchers, and the request limits."""
 
-    def __init__(self, args, judge=None, decomposer=None, encoder=None, info=None):
+    def __init__(self, args, judge=None, decomposer=None, encoder=None, info=None, chat=None):
         wait = args.batch_wait_ms / 1000
         self.args, self.info, self.encoder = args, info or {}, encoder
         self.batchers = {}
@@ -148,6 +149,8 @@ class Sidecar:
         if encoder is not None:
             self.batchers["encode"] = Batcher("encode", lambda items: encoder.encode(
                 [it["image"] for it in items], [it["prompt"] for it in items]), args.max_batch, wait)
+        if chat is not None:
+            self.batchers["chat"] = Batcher("chat", chat.answer, args.max_batch, wait)
 
     def health(self) -> dict:
         a = self.args
@@ -156,13 +159,17 @@ class Sidecar:
                 "limits": {"max_request_bytes": a.max_request_mb * 2**20, "max_image_pixels": a.max_image_pixels,
                            "max_items": a.max_items}}
 
-    def _items(self, body: dict, fields: dict) -> list[dict]:
+    def _raw_items(self, body) -> list:
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
             raise ProtocolError("the request needs a non-empty list under 'items'")
         if len(items) > self.args.max_items:
             raise ProtocolError(f"{len(items)} items is over the limit of {self.args.max_items} "
                                 "(server option --max-items)", status=413)
+        return items
+
+    def _items(self, body: dict, fields: dict) -> list[dict]:
+        items = self._raw_items(body)
         out = []
         for i, item in enumerate(items):
             where = f"items[{i}]"
@@ -175,7 +182,7 @@ class Sidecar:
     def handle(self, endpoint: str, body) -> dict:
         if endpoint not in self.batchers:
             raise ProtocolError(f"this sidecar does not serve /{endpoint}; it serves {sorted(self.batchers)} "
-                                "(start it with --judge/--rule-judge, --decomposer or --encoder)", status=404)
+                                "(start it with --judge/--rule-judge, --decomposer, --encoder or --chat)", status=404)
         if endpoint == "judge":
             results = self.batchers["judge"].submit(
                 self._items(body, {"edited": "image", "source": "image", "instruction": "text"}))
@@ -185,6 +192,12 @@ class Sidecar:
             results = self.batchers["decompose"].submit(
                 self._items(body, {"image": "image", "instruction": "text"}))
             return {"results": results, "fallbacks": sum(r["fallback"] for r in results)}
+        if endpoint == "chat":
+            from cogniedit_jax.sidecar.chat import parse_chat_item
+
+            items = [parse_chat_item(it, self.args.max_image_pixels, self.args.chat_max_new_tokens, f"items[{i}]")
+                     for i, it in enumerate(self._raw_items(body))]
+            return {"results": self.batchers["chat"].submit(items)}
         from cogniedit_jax.sidecar.encoder import pad_embeddings
 
         embeds, mask = pad_embeddings(self.batchers["encode"].submit(
@@ -269,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--decomposer", metavar="DIR", help="Qwen2.5-VL-family instruction decomposer folder")
     roles.add_argument("--encoder", metavar="DIR",
                        help="Qwen-Image-Edit pipeline folder (uses text_encoder/, processor/) or a Qwen2.5-VL one")
+    roles.add_argument("--chat", metavar="DIR",
+                       help="Qwen2.5-VL model for /chat: prompts and images from the caller (benchmark judges)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1")
     net.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (see --port-file)")
@@ -291,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--judge-max-new-tokens", type=int, default=512)
     m.add_argument("--decomposer-template", help="a decomposer prompt file (default: the packaged one)")
     m.add_argument("--decomposer-max-new-tokens", type=int, default=1024)
+    m.add_argument("--chat-max-new-tokens", type=int, default=2048, help="the most a /chat item may ask for")
     m.add_argument("--encoder-positions", choices=["pipeline", "mrope"], default="pipeline",
                    help="pipeline: exactly diffusers 0.42.1 (1-D positions); mrope: Qwen2.5-VL's 3-D positions")
     p.add_argument("--log-level", default="INFO")
@@ -333,8 +349,12 @@ def load_roles(args) -> dict:
         from cogniedit_jax.sidecar.encoder import ConditionEncoder
 
         roles["encoder"] = ConditionEncoder(vl(args.encoder), args.encoder_positions)
+    if args.chat:
+        from cogniedit_jax.sidecar.chat import VLChat
+
+        roles["chat"] = VLChat(vl(args.chat))
     info["roles"] = {"judge": roles["judge"].backend} if "judge" in roles else {}
-    info["roles"].update({r: "vl" for r in ("decomposer", "encoder") if r in roles})
+    info["roles"].update({r: "vl" for r in ("decomposer", "encoder", "chat") if r in roles})
     first = next(iter(models.values()), None)
     info.update(device=first.device if first else "cpu", dtype=first.dtype if first else None,
                 image_backend=first.image_backend if first else None)
@@ -355,7 +375,8 @@ def main(argv=None):
     token = _read_token(args)
     check_bind(args.host, args.allow_remote, token)
     roles = load_roles(args)
-    sidecar = Sidecar(args, roles.get("judge"), roles.get("decomposer"), roles.get("encoder"), roles["info"])
+    sidecar = Sidecar(args, roles.get("judge"), roles.get("decomposer"), roles.get("encoder"), roles["info"],
+                      roles.get("chat"))
     server = ThreadingHTTPServer((args.host, args.port), make_handler(sidecar, token))
     server.daemon_threads = True
     host, port = server.server_address[:2]

@@ -121,18 +121,28 @@ def generate(vl: VLModel, images: list[list[np.ndarray]], texts: list[str], max_
              sampling: dict | None = None, seed: int | None = None) -> list[str]:
     """One user turn per item (its images first, then its text) through the model's chat template; greedy
     unless `sampling` (generate() kwargs such as temperature) is given. Returns the decoded answers."""
+    turns = [[{"image": a} for a in imgs] + [{"text": text}] for imgs, text in zip(images, texts, strict=True)]
+    return generate_chat(vl, turns, max_new_tokens, sampling, seed)
+
+
+def generate_chat(vl: VLModel, turns: list[list[dict]], max_new_tokens: int, sampling: dict | None = None,
+                  seed: int | None = None) -> list[str]:
+    """One user turn per item, its parts in the given order: `{"text": str}` or `{"image": uint8 [H, W, 3]}`
+    (benchmark judges interleave captions and images). Greedy unless `sampling` is given."""
     import torch
 
     processor = vl.processor
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"{vl.path} has no chat template (chat_template.jinja/.json or in tokenizer_config.json)")
     prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": text}]}],
-        add_generation_prompt=True, tokenize=False) for imgs, text in zip(images, texts)]
+        [{"role": "user", "content": [{"type": "image"} if "image" in part else {"type": "text", "text": part["text"]}
+                                      for part in turn]}],
+        add_generation_prompt=True, tokenize=False) for turn in turns]
+    images = [to_pil(part["image"]) for turn in turns for part in turn if "image" in part]
     with vl.lock, torch.inference_mode():
         # Left padding: every row's answer then starts at the same column.
-        inputs = processor(text=prompts, images=[to_pil(a) for imgs in images for a in imgs], padding=True,
-                           padding_side="left", return_tensors="pt").to(vl.device)
+        inputs = processor(text=prompts, images=images or None, padding=True, padding_side="left",
+                           return_tensors="pt").to(vl.device)
         if seed is not None:
             torch.manual_seed(seed)
         kwargs = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
