@@ -26,7 +26,7 @@ GEDIT_ROWS = [  # (key, task_type, language, intersection, instruction)
     ("k2", "background_change", "en", False, "put the cat on a beach"),
     ("k3", "color_alter", "en", True, "make the car blue"),
     ("k1", "background_change", "cn", True, "把天空变成粉色"),
-    ("k4", "text_change", "en", False, "garble: write HELLO"),
+    ("k4", "text_change", "en", False, "xyzzy: write HELLO"),
 ]
 
 
@@ -53,7 +53,7 @@ def write_gedit_parquet(root: Path, rows=GEDIT_ROWS) -> Path:
 
 KRIS_ANNOTATIONS = {
     "humanities": {"1": {"ori_img": "1.jpg", "ins_en": "dress him as a samurai", "explain_en": "armour"},
-                   "2": {"ori_img": "2.png", "ins_en": "garble: the flag of Japan", "explain_en": "red disc"}},
+                   "2": {"ori_img": "2.png", "ins_en": "xyzzy: the flag of Japan", "explain_en": "red disc"}},
     "color_change": {"1": {"ori_img": "1.jpg", "ins_en": "make the apple green", "explain_en": ""}},
     "viewpoint_change": {"1": {"ori_img": "1.jpg", "gt_img": "1_gt.jpg", "ins_en": "draw the top view",
                                "explain_en": ""}},
@@ -89,13 +89,13 @@ def invert_editor(config, lora, args):
 
 def rule_chat(turns, attempt):
     """Answers the benchmarks' judge prompts by rule: scores from the mean of the last image; an instruction
-    containing "garble" gets prose without any score (the item must end up failed, not scored)."""
+    containing "xyzzy" gets prose without any score (the item must end up failed, not scored)."""
     answers = []
     for turn in turns:
         prompt = next(p["text"] for p in turn if "text" in p and len(p["text"]) > 200)
         last = [p["image"] for p in turn if "image" in p][-1]
         level = float(np.asarray(last).mean()) / 255
-        if "garble" in prompt:
+        if "xyzzy" in prompt:
             answers.append("Step 1: I looked at the images. They are nice.")
         elif "overediting" in prompt:  # GEdit SC
             answers.append('```json\n{"score": [%d, 7], "reasoning": "ok"}\n```' % round(10 * level))

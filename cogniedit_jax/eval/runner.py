@@ -57,8 +57,13 @@ def _size(src) -> tuple[int, int]:
 
 class _Writer:
     def __init__(self, out_dir: Path):
-        self.out = out_dir
-        self.file = open(out_dir / RECORDS, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        path = out_dir / RECORDS
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):  # drop a torn last record, or the next one would join it
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict):
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")

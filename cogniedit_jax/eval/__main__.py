@@ -1,0 +1,110 @@
+"""Edit, judge and report a benchmark in one command, resumably:
+
+    python -m cogniedit_jax.eval --config configs/base.py --bench gedit --data GEdit-Bench/ --out runs/gedit-base
+    python -m cogniedit_jax.eval --config configs/base.py --bench kris --data Kris_Bench/ --out runs/kris-lora \
+        --lora runs/train/lora --reason
+
+The judge is the sidecar's /chat (the config's `judge.sidecar` settings; its `chat` model defaults to its
+`judge` model), or `--rule-chat module:fn` in process. `--reason` rewrites each instruction with the sidecar's
+decomposer first (the paper's "-r1"). `--editor module:fn` replaces the model: fn(config, lora, args) ->
+edit_fn(images uint8 [B, H, W, 3], instructions) -> uint8 [B, H', W', 3].
+Run again with the same --out to continue: finished items are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cogniedit_jax.eval import aggregate, gedit, kris, report, runner, scoring
+
+BENCHES = {"gedit": (gedit.load_gedit, scoring.judge_gedit, aggregate.gedit_summary),
+           "kris": (kris.load_kris, scoring.judge_kris, aggregate.kris_summary)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cogniedit_jax.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a training config file (configs/X.py[:ARG])")
+    p.add_argument("--bench", required=True, choices=sorted(BENCHES))
+    p.add_argument("--data", required=True, help="the benchmark's local folder")
+    p.add_argument("--out", required=True, help="output folder (resumed when it exists)")
+    p.add_argument("--lora", help="a LoRA folder/file written by save_diffusers_lora")
+    p.add_argument("--reason", action="store_true", help="rewrite instructions with the decomposer first (-r1)")
+    p.add_argument("--label", help="the row name in the report (default: from --lora/--reason)")
+    p.add_argument("--batch-size", type=int, default=1, help="items per edit call (one resolution bucket)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N items (smoke runs)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-retries", type=int, default=2, help="sampled re-asks of an unreadable answer")
+    p.add_argument("--judge-max-new-tokens", type=int, default=512)
+    p.add_argument("--editor", metavar="MODULE:FN", help="use this editor instead of the config's model")
+    p.add_argument("--rule-chat", metavar="MODULE:FN", help="an in-process judge: fn(turns, attempt) -> answers")
+    p.add_argument("--config-override", action="append", default=[], metavar="FIELD=VALUE")
+    return p
+
+
+def _plugin(spec: str):
+    from cogniedit_jax.config import resolve_plugin
+
+    return resolve_plugin("--editor/--rule-chat", spec)
+
+
+def _sidecar(config, args, need_chat: bool, need_model: bool):
+    from cogniedit_jax.sidecar.client import SidecarClient
+
+    if config.judge.source != "sidecar":
+        raise SystemExit(f"--config: judge.source is {config.judge.source!r}; the benchmarks' judges and the "
+                         "encoder run in the sidecar (judge.source='sidecar'), or pass --rule-chat and --editor")
+    settings = dict(config.judge.sidecar)
+    if need_chat and not settings.get("chat"):
+        settings["chat"] = settings.get("judge")
+    if not need_chat:
+        settings["chat"] = None
+    if not need_model:
+        settings["encoder"] = None
+    return SidecarClient(settings)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s eval %(levelname)s %(message)s")
+    from cogniedit_jax.config import load_config
+
+    config = load_config(args.config, args.config_override)
+    load, judge, summarize = BENCHES[args.bench]
+    items = load(args.data)
+    if args.limit:
+        items = items[:args.limit]
+    client = None
+    if not (args.rule_chat and args.editor and not args.reason):
+        client = _sidecar(config, args, need_chat=not args.rule_chat, need_model=not args.editor)
+        client.start()
+    try:
+        if args.rule_chat:
+            chat = _plugin(args.rule_chat)
+        else:
+            def chat(turns, attempt):
+                return client.chat(turns, args.judge_max_new_tokens, temperature=0.7 if attempt else None,
+                                   top_p=0.9 if attempt else None, seed=args.seed + attempt if attempt else None)
+        if args.editor:
+            edit_fn = _plugin(args.editor)(config, args.lora, args)
+        else:
+            from cogniedit_jax.eval.editor import model_editor
+
+            edit_fn = model_editor(config, args.lora, client, args.steps, args.seed)
+        reason_fn = client.decompose if args.reason else None
+        records = runner.run_items(
+            items, args.out, edit_fn, lambda its, srcs, eds: judge(chat, its, srcs, eds, args.judge_retries),
+            batch_size=args.batch_size, reason_fn=reason_fn)
+    finally:
+        if client is not None:
+            client.close()
+    label = args.label or ("base" if not args.lora else "LoRA") + ("-r1" if args.reason else "")
+    path = report.write_report(args.bench, summarize(records), records, args.out, label)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
