@@ -1,0 +1,584 @@
+"""The trainer: dense GRPO + token focus on a frozen, sharded MMDiT (the paper's Algorithm 1).
+
+    python -m cogniedit_jax.train --config configs/tiny.py --workdir /tmp/tiny [--config.total_steps=20 ...]
+
+Re-running the same command on the same workdir resumes from its last checkpoint. Per step: a global batch of
+conditions -> a rollout of G samples each under theta_old (jitted, rows over the whole mesh) -> decode and
+judge on the host (a failed judge call marks samples invalid, never stops the run) -> advantages ->
+`updates_per_rollout` jitted optimizer updates of the trainable pytree (LoRA + focus), a non-finite one skipped
+and counted. Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/, DIR/grids/*.png and, at the end,
+DIR/export/pytorch_lora_weights.safetensors (+ focus.safetensors).
+
+The three pluggable parts (`model.source`, `data.source`, `judge.source`) are a built-in name or
+"package.module:function" (signatures in configs/tiny.py's docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from cogniedit_jax import config as config_lib, parallel
+from cogniedit_jax.checkpoint import Checkpoints, abstract_like
+from cogniedit_jax.data.errors import DataError
+from cogniedit_jax.metrics import MetricsWriter, sample_grid, save_grid
+from cogniedit_jax.models import MMDiTConfig, init_params, load_transformer
+from cogniedit_jax.models.loading import CONFIG_NAME, transformer_folder
+from cogniedit_jax.models.lora import init_lora, save_diffusers_lora
+from cogniedit_jax.models.token_focus import init_focus, save_focus
+from cogniedit_jax.rl.dense_grpo import dense_grpo_loss
+from cogniedit_jax.rl.policy import PolicyConfig, Trainable
+from cogniedit_jax.rl.rollout import Rollout, judge_rollout, sample_rollout
+from cogniedit_jax.sampling.edit_loop import EditCondition, edit_layout, unpack_latents
+from cogniedit_jax.sampling.schedule import SchedulerConfig, make_schedule
+from cogniedit_jax.sidecar.client import judge_rewards
+from cogniedit_jax.sidecar.rules import get_rule_judge, register_rule_judge
+
+log = logging.getLogger("cogniedit_jax.train")
+EXPORT_FOLDER = "export"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# --- the editor (frozen model + a decoder to images) ----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Editor:
+    """cfg and frozen params of the MMDiT; decode(packed latents [N, S, 4C] (numpy), latent (h, w)) -> uint8
+    images [N, H, W, 3] for the judge and the sample grids."""
+
+    cfg: MMDiTConfig
+    params: Any
+    decode: Callable
+
+
+def latent_preview(packed, hw, scale: int = 8):
+    """A VAE-free picture of packed latents: the first 3 latent channels through tanh, upscaled `scale`x."""
+    latents = np.asarray(unpack_latents(np.asarray(packed, np.float32), *hw))[:, :3]
+    rgb = np.round(127.5 * (np.tanh(latents) + 1)).astype(np.uint8).transpose(0, 2, 3, 1)
+    return rgb.repeat(scale, 1).repeat(scale, 2)
+
+
+def _model_runtime(config) -> dict:
+    m = config.model
+    return dict(dtype=m.dtype, remat_policy=m.remat_policy, attention_impl=m.attention_impl)
+
+
+def random_editor(config, mesh) -> Editor:
+    """A randomly initialised MMDiT of `model.arch` (tests, smoke runs) with the latent preview as decoder."""
+    arch = dict(config.model.arch)
+    arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
+    cfg = MMDiTConfig(**arch, **_model_runtime(config))
+    key = jax.random.key(config.model.seed)
+    init = functools.partial(init_params, cfg)
+    shardings = parallel.frozen_shardings(jax.eval_shape(init, key), mesh)
+    params = jax.jit(init, out_shardings=shardings)(key)
+    return Editor(cfg, params, functools.partial(latent_preview, scale=config.model.preview_scale))
+
+
+def converted_editor(config, mesh) -> Editor:
+    """The folder written by convert/qwen_image_edit.py (transformer/ and vae/), each weight read straight into
+    its FSDP shard; the VAE (replicated) decodes."""
+    from cogniedit_jax.models.vae import denormalize_latents, load_vae, vae_decode
+
+    path = Path(config.model.path)
+    runtime = _model_runtime(config)
+    cfg = MMDiTConfig.from_json(transformer_folder(path) / CONFIG_NAME, **runtime)
+    abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    cfg, params = load_transformer(path, shardings=parallel.frozen_shardings(abstract, mesh), **runtime)
+    vae_cfg, vae_params = load_vae(path, dtype=config.model.dtype, use_tiling=True)
+
+    def decode(packed, hw):
+        latents = denormalize_latents(vae_cfg, unpack_latents(jnp.asarray(packed, jnp.float32), *hw))
+        images = vae_decode(vae_cfg, vae_params, latents.astype(vae_cfg.compute_dtype))
+        return np.asarray(jnp.round((images.astype(jnp.float32) + 1) * 127.5)).astype(np.uint8).transpose(0, 2, 3, 1)
+
+    return Editor(cfg, params, decode)
+
+
+def load_editor(config, mesh) -> Editor:
+    source = config.model.source
+    if source == "random":
+        return random_editor(config, mesh)
+    if source == "converted":
+        return converted_editor(config, mesh)
+    editor = config_lib.resolve_plugin("model.source", source)(config)
+    shardings = parallel.frozen_shardings(editor.params, mesh)
+    return dataclasses.replace(editor, params=jax.device_put(editor.params, shardings))
+
+
+# --- condition sources ------------------------------------------------------------------------------------------
+# A source iterates over this host's rows of each global batch, as dicts: "cond" (an EditCondition of numpy
+# arrays), "layout" (edit_layout: target first), "sources" (uint8 [B, H, W, 3], what the judge compares
+# against), "instructions" (list of str), "valid" (bool [B]: False for a row whose example failed to load);
+# and has state_dict() / load_state_dict() (JSON-able) for exact resumption.
+
+
+class RandomConditions:
+    """Random text states, masks and source latents, a pure function of (seed, step): for tests and smoke runs.
+    The source picture is the editor's decode of the source latents."""
+
+    def __init__(self, config, editor: Editor, process_index: int = 0, process_count: int = 1):
+        d = config.data
+        self.seed, self.batch, self.hw, self.text_len = config.seed, d.batch_size, tuple(d.latent_hw), d.text_len
+        self.negative, self.editor, self.step = d.negative_prompt, editor, 0
+        self.rows = slice(process_index * self.batch // process_count, (process_index + 1) * self.batch // process_count)
+
+    def batch_at(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        cfg, (h, w), b, length = self.editor.cfg, self.hw, self.batch, self.text_len
+        embeds = rng.standard_normal((b, length, cfg.joint_attention_dim), np.float32)
+        mask = (np.arange(length) < rng.integers(1, length + 1, (b, 1))).astype(np.int32)
+        source = rng.standard_normal((b, (h // 2) * (w // 2), cfg.in_channels), np.float32)
+        neg = (rng.standard_normal((b, 2, cfg.joint_attention_dim), np.float32), np.ones((b, 2), np.int32))
+        cond = EditCondition(embeds, mask, source, *(neg if self.negative else (None, None)))
+        batch = {"cond": cond, "layout": edit_layout((h, w), [(h, w)]),
+                 "sources": self.editor.decode(source, (h, w)),
+                 "instructions": [f"random edit {step}.{i}" for i in range(b)], "valid": np.ones(b, bool)}
+        return _host_rows(batch, self.rows)
+
+    def __iter__(self):
+        while True:
+            batch = self.batch_at(self.step)
+            self.step += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def _host_rows(batch: dict, rows: slice) -> dict:
+    take = lambda x: x if x is None else x[rows]  # noqa: E731
+    return {**batch, "cond": jax.tree.map(take, batch["cond"]), "sources": batch["sources"][rows],
+            "instructions": batch["instructions"][rows], "valid": batch["valid"][rows]}
+
+
+class CachedConditions:
+    """Manifest items with their `prepare` condition cache: `cache_dir/<id>.npz` holding prompt_embeds [L, D],
+    mask [L] and source_latents [S, 4C] (packed, VAE-normalised) with source_grid (h, w) (the COND.npz format
+    of analysis/focus_map.py); `cache_dir/negative.npz` (prompt_embeds, mask) is the negative prompt for true
+    CFG. Text is padded to `data.max_text_len`; an item missing from the cache or longer than that is skipped
+    (its row masked out) and counted, like an unreadable image."""
+
+    def __init__(self, config, editor: Editor, process_index: int = 0, process_count: int = 1):
+        from cogniedit_jax.data.loader import manifest_loader
+        from cogniedit_jax.data.manifest import read_manifest
+
+        d = config.data
+        items, skips = read_manifest(d.manifest)
+        self.loader = manifest_loader(items, global_batch_size=d.batch_size, seed=config.seed,
+                                      target_area=d.target_area, process_index=process_index,
+                                      process_count=process_count, num_threads=d.num_threads)
+        self.loader.skips.merge(skips)
+        self.cache, self.max_len, self.vae_scale = Path(d.cache_dir), d.max_text_len, d.vae_scale
+        self.negative = None
+        if (self.cache / "negative.npz").is_file():
+            with np.load(self.cache / "negative.npz") as z:
+                self.negative = (z["prompt_embeds"].reshape(-1, z["prompt_embeds"].shape[-1]),
+                                 z["mask"].reshape(-1).astype(np.int32))
+        self.loader.load_fn = functools.partial(self._load, self.loader.load_fn)
+
+    def _load(self, load_image, i: int) -> dict:
+        ex = load_image(i)
+        file = self.cache / f"{ex['id']}.npz"
+        if not file.is_file():
+            raise DataError(str(file), "no_cache", "not in the condition cache: run cogniedit_jax.prepare")
+        with np.load(file) as z:
+            embeds = z["prompt_embeds"].reshape(-1, z["prompt_embeds"].shape[-1])
+            mask = z["mask"].reshape(-1).astype(np.int32) if "mask" in z else np.ones(len(embeds), np.int32)
+            source, grid = z["source_latents"], tuple(int(v) for v in z["source_grid"])
+        if len(embeds) > self.max_len:
+            raise DataError(str(file), "text_too_long", f"{len(embeds)} text tokens > data.max_text_len={self.max_len}")
+        pad = self.max_len - len(embeds)
+        ex.update(prompt_embeds=np.pad(embeds, [(0, pad), (0, 0)]), mask=np.pad(mask, (0, pad)),
+                  source_latents=source, source_grid=np.asarray(grid))
+        return ex
+
+    def __iter__(self):
+        for ex in self.loader:
+            b = len(ex["instruction"])
+            height, width = ex["source"].shape[1:3]
+            target = (height // self.vae_scale, width // self.vae_scale)
+            grid = tuple(int(v) * 2 for v in ex["source_grid"][0])  # tokens -> latent pixels
+            neg = ((np.repeat(self.negative[0][None], b, 0), np.repeat(self.negative[1][None], b, 0))
+                   if self.negative is not None else (None, None))
+            cond = EditCondition(ex["prompt_embeds"], ex["mask"], ex["source_latents"], *neg)
+            instructions = [e["answer"] if e else t for e, t in zip(ex["enhanced"], ex["instruction"])]
+            yield {"cond": cond, "layout": edit_layout(target, [grid]), "sources": ex["source"],
+                   "instructions": instructions, "valid": ex["valid"]}
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def make_conditions(config, editor: Editor):
+    source = config.data.source
+    make = {"random": RandomConditions, "cache": CachedConditions}.get(source)
+    make = make or config_lib.resolve_plugin("data.source", source)
+    return make(config, editor, jax.process_index(), jax.process_count())
+
+
+# --- judges --------------------------------------------------------------------------------------------------
+# A judge maps (edited uint8 [N, H, W, 3], sources uint8 [N, H, W, 3], instructions [N]) -> (rewards [N],
+# valid [N]).
+
+
+def pixel_stats_rule(edited, source, instruction) -> dict:
+    """A rule judge for smoke runs and tests, of pixels only: alignment grows with the edit's redness,
+    consistency with its closeness to the source."""
+    red = float(np.mean(edited[..., 0])) / 255
+    change = float(np.mean(np.abs(edited.astype(np.float32) - source.astype(np.float32)))) / 255
+    return {"alignment": 1 + 4 * red, "coherence": 3.0, "style": 3.0, "consistency": 5 - 4 * change}
+
+
+register_rule_judge("pixel_stats", pixel_stats_rule)
+
+
+def make_judge(config) -> tuple[Callable, Callable]:
+    """(judge, close)."""
+    j = config.judge
+    if j.source == "rule":
+        rule = get_rule_judge(j.rule)
+
+        def judge(edited, sources, instructions):
+            items = [{"edited": e, "source": s, "instruction": t} for e, s, t in zip(edited, sources, instructions)]
+            return judge_rewards(rule.score(items), j.normalization)
+
+        return judge, lambda: None
+    if j.source == "sidecar":
+        from cogniedit_jax.sidecar.client import SidecarClient
+
+        client = SidecarClient(j.sidecar.to_dict())
+        client.start()
+        return (lambda e, s, t: judge_rewards(client.judge(e, s, t), j.normalization)), client.close
+    return config_lib.resolve_plugin("judge.source", j.source)(config), lambda: None
+
+
+# --- the jitted core ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """The optimizer as hashable numbers, so the jitted update (which builds it) is cached across runs."""
+
+    lr: float
+    warmup_steps: int
+    total_updates: int
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float
+
+    @classmethod
+    def from_config(cls, config) -> "OptimSpec":
+        o = config.optim
+        total = config.total_steps * config.updates_per_rollout
+        return cls(float(o.lr), int(o.warmup_frac * total), total, float(o.b1), float(o.b2), float(o.eps),
+                   float(o.weight_decay), float(o.grad_clip))
+
+    def build(self) -> optax.GradientTransformation:
+        """clip_by_global_norm -> AdamW, lr: linear warm-up, then cosine decay to 0 at the last update."""
+        schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup_steps, self.total_updates, 0.0)
+        adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=self.b1, b2=self.b2,
+                                                      eps=self.eps, weight_decay=self.weight_decay)
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip), adamw)
+
+
+def init_trainable(model: MMDiTConfig, config, key) -> Trainable:
+    key_lora, key_focus = jax.random.split(key)
+    focus_cfg = config_lib.focus_config(config)
+    return Trainable(lora=init_lora(model, config_lib.lora_config(config), key_lora),
+                     focus=None if focus_cfg is None else init_focus(model, focus_cfg, key_focus))
+
+
+def _training_mode(trainable: Trainable) -> Trainable:
+    """The loss differentiates the focus in its training mode (straight-through: the same forward as the
+    rollout's hard windows, so the first ratio is still 1)."""
+    return trainable if trainable.focus is None else trainable.replace(focus=trainable.focus.training())
+
+
+def rollout_shardings(mesh, rollout: Rollout):
+    """Rows over the whole mesh: axis 1 of the [k(+1), N, ...] window arrays, axis 0 of the rest."""
+    windowed = {"noises", "next_states", "old_log_probs", "sigmas"}
+    fields = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout) if f.name != "policy"}
+    out = {name: jax.tree.map(lambda x, axis=int(name in windowed): parallel.rows_sharding(mesh, x.shape, axis), v)
+           for name, v in fields.items()}
+    return rollout.replace(**out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def rollout_step(mesh, policy, frozen, trainable, cond, sigmas, key, group_size):
+    rollout = sample_rollout(policy, frozen, trainable, cond, sigmas, key, group_size)
+    return jax.lax.with_sharding_constraint(rollout, rollout_shardings(mesh, rollout))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def update_step(optim: OptimSpec, loss_cfg, trainable, opt_state, frozen, rollout):
+    """One optimizer update; a non-finite loss or gradient leaves trainable and optimizer state unchanged."""
+    def loss_of(t):
+        return dense_grpo_loss(_training_mode(t), frozen, rollout, loss_cfg)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = optim.build().update(grads, opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    lr = new_opt[1].hyperparams["learning_rate"]
+    return keep(new_trainable, trainable), keep(new_opt, opt_state), {**metrics, "grad_norm": grad_norm,
+                                                                       "lr": lr, "finite": finite}
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+
+class _StopSignal:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (with a checkpoint)."""
+
+    def __init__(self):
+        self.received = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if jax.process_count() > 1 or not _main_thread():
+            yield self
+            return
+        handler = lambda signum, frame: setattr(self, "received", signal.Signals(signum).name)  # noqa: E731
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw):
+    """Decode and judge this host's rows of the rollout -> (rewards [N], valid [N], images [N, H, W, 3] of
+    this host's rows). A judge that raises marks its rows invalid."""
+    index, rows = parallel.local_rows(final)
+    images = editor.decode(rows, target_hw)
+    instance = index // group
+    try:
+        rewards, valid = judge(images, batch["sources"][instance], [batch["instructions"][i] for i in instance])
+        rewards, valid = np.asarray(rewards, np.float32), np.asarray(valid, bool)
+    except Exception as e:  # noqa: BLE001  (a judge failure must not end a long run)
+        log.warning("judge failed on %d samples, marked invalid: %s: %s", len(index), type(e).__name__, e)
+        rewards, valid = np.full(len(index), np.nan, np.float32), np.zeros(len(index), bool)
+    valid &= np.asarray(batch["valid"], bool)[instance]
+    index, rewards, valid = parallel.gather_hosts((index, rewards, valid))
+    n = final.shape[0]
+    all_rewards, all_valid = np.full(n, np.nan, np.float32), np.zeros(n, bool)
+    all_rewards[index], all_valid[index] = rewards, valid
+    return all_rewards, all_valid, images
+
+
+def train(config, workdir) -> dict:
+    """Run (or resume) the training described by `config` in `workdir`; returns the last step's metrics."""
+    config_lib.validate(config)
+    parallel.maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    editor = load_editor(config, mesh)
+    conditions = make_conditions(config, editor)
+    judge, close_judge = make_judge(config)
+    optim = OptimSpec.from_config(config)
+    optimizer = optim.build()
+    group = config.rollout.group_size
+
+    repl = parallel.replicated(mesh)
+    key = jax.random.key(config.seed)
+    init_key, key = jax.random.split(key)
+    init = functools.partial(init_trainable, editor.cfg, config)
+    abstract = jax.eval_shape(init, init_key)
+    trainable = jax.jit(init, out_shardings=jax.tree.map(lambda _: repl, abstract))(init_key)
+    opt_state = jax.jit(optimizer.init, out_shardings=jax.tree.map(
+        lambda _: repl, jax.eval_shape(optimizer.init, abstract)))(trainable)
+    state_shardings = jax.tree.map(lambda _: repl, {"trainable": trainable, "opt_state": opt_state,
+                                                    "key": jax.random.key_data(key)})
+
+    ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
+    step, counters = 0, {"skipped_updates": 0, "bad_in_a_row": 0, "invalid_rewards": 0, "bad_examples": 0}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        arrays = {"trainable": trainable, "opt_state": opt_state, "key": jax.random.key_data(key)}
+        restored, meta = ckpt.restore(latest, abstract_like(arrays, state_shardings))
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+        key = jax.random.wrap_key_data(restored["key"])
+        conditions.load_state_dict(meta["data"])
+        step, counters = int(meta["step"]), dict(meta["counters"])
+        log.info("resumed from %s at step %d", ckpt.directory / str(latest), step)
+
+    def save():
+        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "key": jax.random.key_data(key)},
+                  {"step": step, "data": conditions.state_dict(), "counters": counters,
+                   "config": config.to_json()})
+
+    writer = MetricsWriter(workdir, resume_step=step) if jax.process_index() == 0 else None
+    end = min(config.total_steps, config.stop_after or config.total_steps)
+    bar = tqdm(total=config.total_steps, initial=step, disable=not config.log.progress or jax.process_index() > 0,
+               desc="train", dynamic_ncols=True)
+    batches = iter(conditions)
+    metrics, stop = {}, _StopSignal()
+    try:
+        with stop.installed():
+            while step < end and stop.received is None:
+                batch = parallel.gather_hosts(next(batches))
+                target_hw = (batch["layout"][0][1] * 2, batch["layout"][0][2] * 2)
+                policy = PolicyConfig(editor.cfg, batch["layout"], num_steps=config.policy.num_steps,
+                                      k=config.policy.k, noise_level=config.policy.noise_level,
+                                      cfg_scale=config.policy.cfg_scale, reduce=config.policy.reduce)
+                loss_cfg = config_lib.loss_config(config, policy)
+                sigmas, _ = make_schedule(SchedulerConfig(), policy.num_steps, target_hw[0] * target_hw[1] // 4)
+                cond = parallel.put_global(batch["cond"], jax.tree.map(lambda _: repl, batch["cond"]))
+                key, rollout_key = jax.random.split(key)
+
+                t0 = time.perf_counter()
+                rollout = jax.block_until_ready(rollout_step(mesh, policy, editor.params, trainable, cond, sigmas,
+                                                           rollout_key, group))
+                t1 = time.perf_counter()
+                rewards, valid, images = _judge_rows(editor, judge, rollout.final, batch, group, target_hw)
+                rollout = judge_rollout(rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode)
+                rollout = jax.device_put(rollout, rollout_shardings(mesh, rollout))
+                t2 = time.perf_counter()
+                updates = []
+                for _ in range(config.updates_per_rollout):
+                    trainable, opt_state, m = update_step(optim, loss_cfg, trainable, opt_state, editor.params, rollout)
+                    updates.append(jax.device_get(m))
+                t3 = time.perf_counter()
+
+                step += 1
+                finite = [bool(u["finite"]) for u in updates]
+                counters["skipped_updates"] += finite.count(False)
+                counters["bad_in_a_row"] = 0 if all(finite) else counters["bad_in_a_row"] + finite.count(False)
+                counters["invalid_rewards"] += int((~valid).sum())
+                counters["bad_examples"] += int((~np.asarray(batch["valid"])).sum())
+                good = rewards[valid]
+                mean = lambda name: float(np.mean([u[name] for u in updates]))  # noqa: E731
+                metrics = {"loss": mean("loss"), "policy_loss": mean("policy_loss"),
+                           "reward_mean": float(good.mean()) if good.size else float("nan"),
+                           "reward_std": float(good.std()) if good.size else float("nan"),
+                           "ratio_first": float(updates[0]["ratio_mean"]), "clipfrac": mean("clipfrac"),
+                           "kl": mean("kl"), "grad_norm": mean("grad_norm"), "lr": float(updates[-1]["lr"]),
+                           "invalid_rewards": int((~valid).sum()), "skipped_updates": finite.count(False),
+                           "bad_examples": int((~np.asarray(batch["valid"])).sum()),
+                           "seconds_rollout": t1 - t0, "seconds_judge": t2 - t1, "seconds_update": t3 - t2}
+                if writer is not None:
+                    writer.write(step, metrics)
+                    if config.log.grid_every and (step % config.log.grid_every == 0 or step == 1):
+                        _write_grid(writer, workdir, step, batch, images, rewards, group, config.log.grid_rows)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3g}", loss=f"{metrics['loss']:.3g}")
+                if counters["bad_in_a_row"] >= config.max_bad_updates:
+                    save()
+                    raise TrainingError(
+                        f"{counters['bad_in_a_row']} non-finite updates in a row (max_bad_updates="
+                        f"{config.max_bad_updates}) at step {step}: stopped with a checkpoint in {ckpt.directory}. "
+                        "Lower optim.lr or loss.clip_eps, or check the judge's rewards, then rerun to resume.")
+                if step % config.checkpoint.every == 0:
+                    save()
+            save()
+            if step >= config.total_steps and jax.process_index() == 0:
+                export = workdir / EXPORT_FOLDER
+                save_diffusers_lora(trainable.lora, editor.cfg, export)
+                if trainable.focus is not None:
+                    save_focus(trainable.focus, export)
+            if stop.received:
+                log.warning("%s: stopped after step %d with a checkpoint; rerun the same command to resume",
+                            stop.received, step)
+    finally:
+        bar.close()
+        close_judge()
+        if writer is not None:
+            writer.close()
+        ckpt.close()
+    return {"step": step, **metrics, **{k: v for k, v in counters.items() if k != "bad_in_a_row"},
+            "interrupted": stop.received}
+
+
+def _write_grid(writer: MetricsWriter, workdir: Path, step: int, batch: dict, images, rewards, group: int,
+                rows: int) -> None:
+    """The first `rows` instances of this host's rows: source | G edits with rewards."""
+    rows = min(rows, len(images) // group)
+    edits = images[: rows * group].reshape(rows, group, *images.shape[1:])
+    grid = sample_grid(batch["sources"][:rows], edits, rewards[: rows * group].reshape(rows, group),
+                       batch["instructions"][:rows])
+    save_grid(workdir / "grids" / f"step_{step:06d}.png", grid)
+    writer.image("samples", step, grid)
+
+
+def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
+    """(config spec, workdir, overrides) from --config PATH[:ARG] --workdir DIR --config.FIELD=VALUE ..."""
+    spec = workdir = None
+    overrides, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "--workdir"):
+            if not eq:
+                i += 1
+                if i == len(argv):
+                    raise config_lib.ConfigError(f"{name} needs a value")
+                value = argv[i]
+            spec, workdir = (value, workdir) if name == "--config" else (spec, value)
+        elif arg.startswith("--config."):
+            overrides.append(arg.removeprefix("--config."))
+        else:
+            raise config_lib.ConfigError(f"unknown argument {arg!r}; usage: python -m cogniedit_jax.train "
+                                         "--config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]")
+        i += 1
+    if spec is None or workdir is None:
+        raise config_lib.ConfigError("both --config and --workdir are required")
+    return spec, workdir, overrides
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        spec, workdir, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        config = config_lib.load_config(spec, overrides)
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config, workdir)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log.info("done: %s", {k: v for k, v in result.items() if not k.startswith("seconds")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
