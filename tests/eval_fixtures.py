@@ -98,7 +98,7 @@ def rule_chat(turns, attempt):
         if "xyzzy" in prompt:
             answers.append("Step 1: I looked at the images. They are nice.")
         elif "overediting" in prompt:  # GEdit SC
-            answers.append('```json\n{"score": [%d, 7], "reasoning": "ok"}\n```' % round(10 * level))
+            answers.append(f'```json\n{{"score": [{round(10 * level)}, 7], "reasoning": "ok"}}\n```')
         elif "naturalness" in prompt:  # GEdit PQ
             answers.append('{"score" : [8, 6], "reasoning" : "fine"}')
         else:

@@ -63,8 +63,8 @@ def kris_markdown(summary: dict, label: str) -> str:
     header = ["Method"] + [f"{d} {m}" for d, _ in TABLE1_DOMAINS for m in ("VC", "VQ", "IF", "KP", "Avg")]
     rows = [_row(k, v, 2) for k, v in PAPER_TABLE1.items()] + [_row(f"**{label}** (this run)", ours, 2)]
     lines = ["## KRIS-Bench (layout of the paper's Table 1; 0-100)", "", *_table(header, rows), "",
-             "Our row: scores pooled as KRIS-Bench's summary script pools them; the paper's rows are its Table 1 "
-             "(GPT-4 judge), ours come from the local judge, so the columns compare settings, not only models.", "",
+             ("Our row: scores pooled as KRIS-Bench's summary script pools them; the paper's rows are its Table 1 "
+              "(GPT-4 judge), ours come from the local judge, so the columns compare settings, not only models."), "",
              ("All groups (AVG): " + ", ".join(f"{g} {_fmt(v['AVG'], 2)}" for g, v in groups.items())
               + f"; overall {_fmt(summary['overall']['AVG'], 2)}."), "",
              "Items by status: " + _status(summary["counts"])]
