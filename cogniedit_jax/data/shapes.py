@@ -259,9 +259,14 @@ def _parse_clause(text: str) -> Edit:
     return Edit(kind, what, count, m["new_colour"], m["to"])
 
 
+def instruction_words(text: str) -> list[str]:
+    """Lower-case words, punctuation dropped (the grammar's and the demo editor's tokenization)."""
+    return text.lower().replace(".", " ").replace(",", " ").split()
+
+
 def parse_instruction(text: str) -> tuple[Edit, ...]:
     """Instruction text -> its clauses; `instruction_text` of the result gives the text back (normalised)."""
-    words = " ".join(text.lower().replace(".", " ").replace(",", " ").split())
+    words = " ".join(instruction_words(text))
     if not words:
         raise InstructionError("empty instruction")
     return tuple(_parse_clause(clause) for clause in words.split(" and "))
@@ -474,7 +479,11 @@ def decompose(image: np.ndarray, instruction: str) -> str:
     """The rule decomposer's answer in the MLLM's four-part format: <info> the scene, <think> what the
     instruction changes, <answer> the same edit as explicit clauses naming cells (in the editor's grammar),
     <object> the objects involved. An instruction the scene cannot carry out is kept as the answer."""
-    scene, _ = perceive(image)
+    return decompose_scene(perceive(image)[0], instruction)
+
+
+def decompose_scene(scene: Scene, instruction: str) -> str:
+    """`decompose` of the scene itself (no pixel reading)."""
     info = f"The image shows {describe_scene(scene)} on a light grey background, in a 3x3 grid."
     try:
         edits = parse_instruction(instruction)
