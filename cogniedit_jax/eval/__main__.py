@@ -4,10 +4,13 @@
     python -m cogniedit_jax.eval --config configs/base.py --bench kris --data Kris_Bench/ --out runs/kris-lora \
         --lora runs/train/lora --reason
 
-The judge is the sidecar's /chat (the config's `judge.sidecar` settings; its `chat` model defaults to its
-`judge` model), or `--rule-chat module:fn` in process. `--reason` rewrites each instruction with the sidecar's
-decomposer first (the paper's "-r1"). `--editor module:fn` replaces the model: fn(config, lora, args) ->
-edit_fn(images uint8 [B, H, W, 3], instructions) -> uint8 [B, H', W', 3].
+The sidecar (the config's `judge.sidecar` settings; spawned unless they give a `url`) serves the judge's
+/chat (`--chat`, default: its `judge` model), the condition encoder (`--encoder`: the Qwen-Image-Edit pipeline
+folder) and, for `--reason`, the decomposer (`--decomposer`), which rewrites each instruction first (the
+paper's "-r1"). `--rule-chat module:fn` judges in process instead: fn(turns, attempt) -> answers.
+`--editor module:fn` replaces the model: fn(config, lora, args) -> edit_fn(images uint8 [B, H, W, 3],
+instructions) -> uint8 [B, H', W', 3]. `--lora` takes the trainer's export folder (LoRA, and the token focus
+when focus.safetensors is there).
 Run again with the same --out to continue: finished items are skipped.
 """
 
@@ -17,6 +20,7 @@ import argparse
 import logging
 import sys
 
+from cogniedit_jax.data.buckets import TARGET_AREA
 from cogniedit_jax.eval import aggregate, gedit, kris, report, runner, scoring
 
 BENCHES = {"gedit": (gedit.load_gedit, scoring.judge_gedit, aggregate.gedit_summary),
@@ -38,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-retries", type=int, default=2, help="sampled re-asks of an unreadable answer")
     p.add_argument("--judge-max-new-tokens", type=int, default=512)
+    p.add_argument("--target-area", type=int, default=TARGET_AREA,
+                   help="edit at about this many pixels (the pipeline's 1024*1024; smaller for smoke runs)")
+    p.add_argument("--encoder", metavar="DIR", help="sidecar condition encoder: the Qwen-Image-Edit folder")
+    p.add_argument("--chat", metavar="DIR", help="sidecar judge model for /chat (default: judge.sidecar.judge)")
+    p.add_argument("--decomposer", metavar="DIR", help="sidecar decomposer for --reason")
     p.add_argument("--editor", metavar="MODULE:FN", help="use this editor instead of the config's model")
     p.add_argument("--rule-chat", metavar="MODULE:FN", help="an in-process judge: fn(turns, attempt) -> answers")
     p.add_argument("--config-override", action="append", default=[], metavar="FIELD=VALUE")
@@ -50,19 +59,21 @@ def _plugin(spec: str):
     return resolve_plugin("--editor/--rule-chat", spec)
 
 
-def _sidecar(config, args, need_chat: bool, need_model: bool):
+def _sidecar(config, args):
+    """A client for the roles this run needs, and only those (a spawned sidecar loads nothing else)."""
     from cogniedit_jax.sidecar.client import SidecarClient
 
-    if config.judge.source != "sidecar":
-        raise SystemExit(f"--config: judge.source is {config.judge.source!r}; the benchmarks' judges and the "
-                         "encoder run in the sidecar (judge.source='sidecar'), or pass --rule-chat and --editor")
     settings = dict(config.judge.sidecar)
-    if need_chat and not settings.get("chat"):
-        settings["chat"] = settings.get("judge")
-    if not need_chat:
-        settings["chat"] = None
-    if not need_model:
-        settings["encoder"] = None
+    settings.setdefault("spawn", "url" not in settings)
+    roles = {"chat": None if args.rule_chat else args.chat or settings.get("chat") or settings.get("judge"),
+             "encoder": None if args.editor else args.encoder or settings.get("encoder"),
+             "decomposer": args.decomposer or settings.get("decomposer") if args.reason else None}
+    if settings["spawn"]:
+        for role, needed in (("chat", not args.rule_chat), ("encoder", not args.editor), ("decomposer", args.reason)):
+            if needed and not roles[role]:
+                raise SystemExit(f"the sidecar needs a {role} model: pass --{role} DIR (or set "
+                                 f"judge.sidecar.{role} in the config)")
+    settings.update(roles, judge=None, rule_judge=None)
     return SidecarClient(settings)
 
 
@@ -78,7 +89,7 @@ def main(argv=None) -> int:
         items = items[:args.limit]
     client = None
     if not (args.rule_chat and args.editor and not args.reason):
-        client = _sidecar(config, args, need_chat=not args.rule_chat, need_model=not args.editor)
+        client = _sidecar(config, args)
         client.start()
     try:
         if args.rule_chat:
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
         reason_fn = client.decompose if args.reason else None
         records = runner.run_items(
             items, args.out, edit_fn, lambda its, srcs, eds: judge(chat, its, srcs, eds, args.judge_retries),
-            batch_size=args.batch_size, reason_fn=reason_fn)
+            batch_size=args.batch_size, reason_fn=reason_fn, target_area=args.target_area)
     finally:
         if client is not None:
             client.close()

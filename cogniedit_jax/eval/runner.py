@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cogniedit_jax.data.buckets import edit_dimensions, resize_to
+from cogniedit_jax.data.buckets import TARGET_AREA, edit_dimensions, resize_to
 from cogniedit_jax.data.errors import DataError
 from cogniedit_jax.data.images import probe_size
 from cogniedit_jax.eval.items import EvalItem, load_image
@@ -86,9 +86,9 @@ def _save_thumb(array: np.ndarray, path: Path):
 
 
 def run_items(items: list[EvalItem], out_dir, edit_fn: Callable, judge_fn: Callable, *, batch_size: int = 1,
-              reason_fn: Callable | None = None) -> list[dict]:
+              reason_fn: Callable | None = None, target_area: int = TARGET_AREA) -> list[dict]:
     """Runs every item of `items` not yet finished in `out_dir`; returns all records (old and new), in the
-    order of `items`. Items a one-image editor cannot run (several inputs) and items whose source image cannot
+    order of `items`. Sources are resized to the edit pipeline's size for `target_area` pixels. Items a one-image editor cannot run (several inputs) and items whose source image cannot
     be read get a record with that status: they are reported, never dropped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def run_items(items: list[EvalItem], out_dir, edit_fn: Callable, judge_fn: Calla
                               "error": f"needs {1 + len(it.extra_sources)} input images; the editor takes one"})
                 continue
             try:
-                buckets.setdefault(edit_dimensions(*_size(it.source)), []).append(it)
+                buckets.setdefault(edit_dimensions(*_size(it.source), target_area), []).append(it)
             except (DataError, OSError, ValueError) as e:
                 writer.write({**_base(it), "status": "source_error", "scores": None, "error": str(e)})
         for (w, h), bucket in buckets.items():
