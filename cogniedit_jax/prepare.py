@@ -219,20 +219,23 @@ class Preparer:
         # the VAE runs while the encoder does.
         pixels = np.stack([e.pixels for e in examples])
         pad = self.opts.encode_batch - len(examples)
-        latents = source_latents(self.vae_cfg, self.vae_params, np.concatenate([pixels, pixels[-1:].repeat(pad, 0)]))
+        pixels = np.concatenate([pixels, pixels[-1:].repeat(pad, 0)])
+        latents = source_latents(self.vae_cfg, self.vae_params, pixels)
         encoded, examples = _per_item(self._encode, examples, self.skips, "condition encoding")
         latents = np.asarray(latents)
         out = []
         for ex, (embeds, negative), lat in zip(examples, encoded, latents):
-            bad = [name for name, a in (("latents", lat), ("prompt_embeds", embeds), ("negative_embeds", negative))
+            arrays = {"latents": lat, "prompt_embeds": embeds, "negative_embeds": negative}
+            bad = [k for k, a in arrays.items()
                    if a is not None and not np.isfinite(np.asarray(a, np.float32)).all()]
             if bad:
-                self.skips.add(DataError(ex.item.source, "non_finite", f"item {ex.item.id!r}: non-finite {bad}"))
+                self.skips.add(DataError(ex.item.source, "non_finite",
+                                         f"item {ex.item.id!r}: non-finite {bad}"))
                 continue
             out.append(CacheRecord(
-                id=ex.item.id, bucket=ex.pixels.shape[:2], latents=lat, source=ex.pixels, prompt_embeds=embeds,
-                negative_embeds=negative, instruction=ex.item.instruction, prompt=ex.prompt,
-                enhanced=None if ex.enhanced is None else dataclasses.asdict(ex.enhanced)))
+                id=ex.item.id, bucket=ex.pixels.shape[:2], latents=lat, source=ex.pixels,
+                prompt_embeds=embeds, negative_embeds=negative, instruction=ex.item.instruction,
+                prompt=ex.prompt, enhanced=None if ex.enhanced is None else dataclasses.asdict(ex.enhanced)))
         return out
 
 
@@ -297,7 +300,8 @@ def main(argv=None) -> dict:
     config = load_config(args.config, [a[len("--config."):] for a in rest])
     report = prepare(PrepareOptions.from_config(config), progress=not args.no_progress)
     print(f"prepared {report['written']} items ({report['already_cached']} were already cached, "
-          f"{report['cached']} of {report['items']} now in {report['cache_dir']}); report: {report['report']}",
+          f"{report['cached']} of {report['items']} now in {report['cache_dir']}); "
+          f"report: {report['report']}",
           file=sys.stderr)
     return report
 

@@ -9,9 +9,9 @@ the resized image and the sidecar's own `encode`, then a rerun must skip everyth
 
 from __future__ import annotations
 
+import concurrent.futures
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -38,8 +38,7 @@ def record(i: int, bucket=(16, 32), text_length=5, dtype=np.float32, negative=Tr
         prompt_embeds=rng.normal(size=(text_length, 8)).astype(dtype),
         negative_embeds=rng.normal(size=(3, 8)).astype(dtype) if negative else None,
         instruction=f"make it {i} times redder", prompt=f"paint the object red, {i} times",
-        enhanced={"info": "i", "think": "t", "answer": f"paint the object red, {i} times", "object": "o"} if i % 2
-        else None)
+        enhanced=None if i % 2 else {"info": "i", "think": "t", "answer": "paint it", "object": "o"})
 
 
 def write(cache, records, shard_size=2, settings=SETTINGS):
@@ -52,9 +51,11 @@ def write(cache, records, shard_size=2, settings=SETTINGS):
 
 
 def test_cache_round_trip_pads_text_and_keeps_dtypes(tmp_path):
-    records = [record(0, text_length=4), record(1, (32, 16), 7), record(2, dtype=ml_dtypes.bfloat16, text_length=2)]
+    records = [record(0, text_length=4), record(1, (32, 16), 7),
+               record(2, dtype=ml_dtypes.bfloat16, text_length=2)]
     write(tmp_path, records)
-    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-000000.safetensors", "shard-000001.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [
+        "shard-000000.safetensors", "shard-000001.safetensors"]
     reader = CacheReader(tmp_path)
     assert reader.ids == [r.id for r in records] and reader.buckets == [(16, 32), (32, 16), (16, 32)]
     assert reader.text_length == 7  # the longest prompt or negative prompt
@@ -103,10 +104,9 @@ def test_cache_refuses_other_settings_and_a_second_writer(tmp_path):
     write(tmp_path, [record(0)])
     with pytest.raises(ValueError, match=r"other settings \(saved vs now: negative_prompt: ' ' vs None\)"):
         CacheWriter(tmp_path, {**SETTINGS, "negative_prompt": None})
-    with CacheWriter(tmp_path, SETTINGS):
-        with pytest.raises(RuntimeError, match="another process is writing the cache"):
-            CacheWriter(tmp_path, SETTINGS)
-    with pytest.raises(ValueError, match=r"source must be uint8 \[16, 16, 3\] \(its bucket\), found uint8 \[16, 32, 3\]"):
+    with CacheWriter(tmp_path, SETTINGS), pytest.raises(RuntimeError, match="another process is writing"):
+        CacheWriter(tmp_path, SETTINGS)
+    with pytest.raises(ValueError, match=r"source must be uint8 \[16, 16, 3\] \(its bucket\), found"):
         write(tmp_path / "b", [CacheRecord(**{**record(1).__dict__, "bucket": (16, 16)})])
 
 
@@ -149,31 +149,44 @@ TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                 latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 0.7, 2.0, 1.1])
 
 
+def _convert_cli():
+    """convert/qwen_image_edit.py as a module: its `main(argv)` in this process (a subprocess would import
+    torch and JAX again)."""
+    spec = importlib.util.spec_from_file_location("convert_qie", ROOT / "convert" / "qwen_image_edit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
+def models(tmp_path_factory):
+    """(converted tiny VAE folder, a client of a running tiny sidecar serving encoder and decomposer). The
+    sidecar is written and started in a thread while the VAE is built."""
     from cogniedit_jax.bench.vae import random_diffusers_vae
-
-    src, out = tmp_path_factory.mktemp("vae-diffusers"), tmp_path_factory.mktemp("vae-converted")
-    random_diffusers_vae(seed=1, **TINY_VAE).save_pretrained(src)
-    result = subprocess.run([sys.executable, "convert/qwen_image_edit.py", "--no-progress", "--vae", src,
-                             "--out", out], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
     from cogniedit_jax.sidecar.client import SidecarClient
     from cogniedit_jax.sidecar.tiny import write_tiny_checkpoint
 
-    # Small processor bounds: the ~1 MP condition image becomes a few patches (the pixels are still the
-    # pipeline's; only the tiny model sees fewer of them).
-    tiny = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-vl"), max_pixels=12544)
-    client = SidecarClient({"spawn": True, "encoder": str(tiny), "decomposer": str(tiny), "device": "cpu",
-                            "timeout_s": 120, "log_file": str(tmp_path_factory.mktemp("logs") / "sidecar.log"),
-                            "extra_args": ["--decomposer-max-new-tokens", "8"]})
-    with client:
-        yield client
+    def start_sidecar():
+        # Small processor bounds: the ~1 MP condition image becomes a few patches (the pixels are still the
+        # pipeline's; only the tiny model sees fewer of them).
+        tiny = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-vl"), max_pixels=12544)
+        log_file = tmp_path_factory.mktemp("logs") / "sidecar.log"
+        client = SidecarClient({"spawn": True, "encoder": str(tiny), "decomposer": str(tiny), "device": "cpu",
+                                "timeout_s": 120, "log_file": str(log_file),
+                                "extra_args": ["--decomposer-max-new-tokens", "8"]})
+        client.start()
+        return client
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start_sidecar)
+        src, out = tmp_path_factory.mktemp("vae-diffusers"), tmp_path_factory.mktemp("vae-converted")
+        random_diffusers_vae(seed=1, **TINY_VAE).save_pretrained(src)
+        assert _convert_cli()(["--no-progress", "--vae", str(src), "--out", str(out)]) == 0
+        client = started.result()
+    try:
+        yield out, client
+    finally:
+        client.close()
 
 
 def relative_error(ours, ref) -> float:
@@ -189,7 +202,7 @@ def _image(path, size, seed):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    for name, size, seed in [("a", (64, 48), 0), ("b", (64, 48), 1), ("c", (48, 64), 2), ("d", (56, 56), 3)]:
+    for name, size, seed in [("a", (64, 48), 0), ("b", (64, 48), 1), ("c", (48, 64), 2), ("d", (48, 64), 3)]:
         _image(root / f"{name}.png", size, seed)
     _image(root / "bad.png", (64, 48), 4)
     (root / "bad.png").write_bytes((root / "bad.png").read_bytes()[:300])  # truncated
@@ -200,21 +213,22 @@ def data(tmp_path_factory):
              {"id": "b", "source": "b.png", "instruction": "add a small red hat"},
              {"id": "c", "source": "c.png", "instruction": "remove the car"},
              {"id": "d", "source": "d.png", "instruction": "make it red", "enhanced": enhanced}]
-    text = "\n".join(json.dumps(x) for x in lines[:2]) + "\n{broken\n" + "\n".join(json.dumps(x) for x in lines[2:])
-    (root / "train.jsonl").write_text(text + "\n")
+    rows = [json.dumps(x) for x in lines]
+    (root / "train.jsonl").write_text("\n".join(rows[:2] + ["{broken"] + rows[2:]) + "\n")
     return root
 
 
 @pytest.fixture(scope="module")
-def config_file(data, vae_dir, sidecar):
+def config_file(data, models):
+    vae_dir, sidecar = models
     path = data / "prepare_config.py"
     path.write_text(f'''import ml_collections
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.data = dict(manifest={str(data / "train.jsonl")!r}, cache_dir={str(data / "cache")!r}, negative_prompt=True,
-                  target_area={AREA}, num_threads=2, decompose=True, use_enhanced=True, encode_batch=2,
-                  shard_size=2)
+    c.data = dict(manifest={str(data / "train.jsonl")!r}, cache_dir={str(data / "cache")!r},
+                  negative_prompt=True, target_area={AREA}, num_threads=2, decompose=True, use_enhanced=True,
+                  encode_batch=3, shard_size=2)
     c.model = dict(path={str(vae_dir)!r})
     c.sidecar = dict(url={sidecar.url!r}, timeout_s=120.0)
     return c
@@ -229,11 +243,12 @@ def first_run(config_file):
     return main(["--config", str(config_file), "--no-progress"])
 
 
-def test_prepare_writes_the_cache_and_reports_bad_items(first_run, data, vae_dir, sidecar):
+def test_prepare_writes_the_cache_and_reports_bad_items(first_run, data, models):
     from cogniedit_jax.models import load_vae, vae_encode
     from cogniedit_jax.models.vae import normalize_latents
     from cogniedit_jax.sampling.edit_loop import pack_latents
 
+    vae_dir, sidecar = models
     report = first_run
     assert (report["items"], report["already_cached"], report["written"], report["cached"]) == (5, 0, 4, 4)
     assert report["skipped_by_kind"] == {"bad_line": 1, "truncated": 1}

@@ -1,11 +1,11 @@
 """The prepared-example cache that `python -m cogniedit_jax.prepare` writes and the trainer reads.
 
-    CACHE_DIR/index.json                 settings + committed shards and their records (id, bucket, text lengths)
-    CACHE_DIR/shard-000000.safetensors   arrays of up to `shard_size` records; texts in the safetensors metadata
+    CACHE_DIR/index.json                settings, committed shards, their records (id, bucket, text lengths)
+    CACHE_DIR/shard-000000.safetensors  arrays of up to `shard_size` records; texts in its metadata
 
-Per record (row r of a shard) the arrays are `r/latents` ([S, 4C]: the source image's VAE latents, mean of the
-posterior, normalised with latents_mean/std and packed in 2x2 patches: exactly the `source_latents` of the edit
-loop's `EditCondition`), `r/source` (uint8 [H, W, 3], the source at its bucket size, for the judge),
+Per record (row r of a shard) the arrays are `r/latents` ([S, 4C]: the source image's VAE latents, mean of
+the posterior, normalised with latents_mean/std and packed in 2x2 patches: exactly the `source_latents` of the
+edit loop's `EditCondition`), `r/source` (uint8 [H, W, 3], the source at its bucket size, for the judge),
 `r/prompt_embeds` ([L, D], the condition encoder's rows without padding) and, when the cache has a negative
 prompt, `r/negative_embeds` ([L', D]). Arrays keep the dtype they were computed in (bf16 on GPU). The metadata
 holds the texts (instruction, the encoded prompt, the enhanced parts) and a CRC-32 of every array, so damage
@@ -172,8 +172,8 @@ class CacheWriter:
             self.index = _read_index(self.index_path)
             diff = _settings_diff(self.index.get("settings", {}), self.settings)
             if diff:
-                raise ValueError(f"the cache {self.dir} was prepared with other settings (saved vs now: {diff}); "
-                                 "use another cache_dir, or delete this one")
+                raise ValueError(f"the cache {self.dir} was prepared with other settings (saved vs now: "
+                                 f"{diff}); use another cache_dir, or delete this one")
         for tmp in self.dir.glob("*.tmp"):  # a write that crashed before its rename
             tmp.unlink()
         self._adopt_orphans()
@@ -226,8 +226,9 @@ class CacheWriter:
         for row, rec in enumerate(self._buffer):
             named = rec.arrays(row)
             arrays.update(named)
+            crcs = {k.split("/", 1)[1]: _crc(v) for k, v in named.items()}
             texts.append({**_index_entry(rec), "instruction": rec.instruction, "prompt": rec.prompt,
-                          "enhanced": rec.enhanced, "crc32": {k.split("/", 1)[1]: _crc(v) for k, v in named.items()}})
+                          "enhanced": rec.enhanced, "crc32": crcs})
         metadata = {"format": FORMAT, "settings": json.dumps(self.settings, ensure_ascii=False),
                     "records": json.dumps(texts, ensure_ascii=False)}
         _atomic_write(path, lambda p: save_file(arrays, str(p), metadata=metadata))
