@@ -27,10 +27,11 @@ def examples():
 
 def test_render_paints_each_cell_and_reads_back():
     img = S.render(SCENE)
-    assert img.shape == (36, 36, 3) and img.dtype == np.uint8
-    assert (img[12:24, 12:24][S.MASKS["circle"]] == S.COLOURS["green"]).all()
-    assert (img[12:24, 12:24][~S.MASKS["circle"]] == S.BACKGROUND).all()
-    assert (img[0:12, 12:36] == S.BACKGROUND).all()
+    c = S.CELL
+    assert img.shape == (3 * c, 3 * c, 3) and img.dtype == np.uint8
+    assert (img[c:2 * c, c:2 * c][S.MASKS["circle"]] == S.COLOURS["green"]).all()
+    assert (img[c:2 * c, c:2 * c][~S.MASKS["circle"]] == S.BACKGROUND).all()
+    assert (img[0:c, c:3 * c] == S.BACKGROUND).all()
     assert S.perceive(img) == (SCENE, 0.0)
 
 
@@ -136,9 +137,9 @@ def test_judge_unedited_source_is_low_on_alignment_only(examples):
 def test_judge_coherence_falls_with_stray_pixels():
     img = S.render(SCENE)
     smudged = img.copy()
-    smudged[24:27, 0:4] = (120, 120, 120)  # 12 grey pixels in an empty cell: too few to read as a shape
+    smudged[16:18, 0:3] = (120, 120, 120)  # 6 grey pixels in an empty cell: too few to read as a shape
     s = S.score_edit(smudged, img, "remove the circle")
-    assert s["coherence"] == pytest.approx(5 - 40 * 12 / 36 ** 2) and s["consistency"] == 5
+    assert s["coherence"] == pytest.approx(5 - 40 * 6 / S.IMAGE_SIZE ** 2) and s["consistency"] == 5
     noisy = np.clip(img + np.random.default_rng(0).normal(0, 60, img.shape), 0, 255).astype(np.uint8)
     assert S.score_edit(noisy, img, "remove the circle")["coherence"] == 1
 

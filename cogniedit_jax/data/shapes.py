@@ -2,7 +2,7 @@
 the exact target of each edit, a rule judge that reads images by pixel analysis, and a rule decomposer.
 
 A scene is a tuple of 9 cells (row-major, top left first), each empty (None) or a `(shape, colour)` pair; it
-renders to a 36x36 RGB image, one 12x12 tile per cell. Instructions come from a closed grammar, as text, and
+renders to a 24x24 RGB image, one 8x8 tile per cell (small enough for a CPU to learn to edit in minutes). Instructions come from a closed grammar, as text, and
 `parse_instruction` reads them back, so the judge needs nothing but the images and the instruction text:
 
     make the square on the left purple       move the red circle to the bottom right
@@ -25,7 +25,7 @@ import numpy as np
 from cogniedit_jax.sidecar.parsing import JudgeParseError, parse_decomposition
 
 GRID = 3
-CELL = 12
+CELL = 8
 IMAGE_SIZE = GRID * CELL
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {"red": (220, 50, 50), "green": (50, 170, 70), "blue": (50, 90, 220), "yellow": (230, 200, 40),
@@ -49,9 +49,9 @@ def _shape_masks() -> dict[str, np.ndarray]:
     """Boolean CELL x CELL masks, tested at pixel centres: the drawing and the judge's templates."""
     v, u = np.mgrid[0:CELL, 0:CELL] + 0.5
     c = CELL / 2
-    return {"square": (abs(u - c) <= 4.5) & (abs(v - c) <= 4.5),
-            "circle": (u - c) ** 2 + (v - c) ** 2 <= 4.6 ** 2,
-            "triangle": (v >= 1.5) & (v <= 10.5) & (abs(u - c) <= (v - 1.5) / 9 * 5.2)}
+    return {"square": (abs(u - c) <= 3) & (abs(v - c) <= 3),
+            "circle": (u - c) ** 2 + (v - c) ** 2 <= 2.9 ** 2,
+            "triangle": (v >= 1) & (v <= 7) & (abs(u - c) <= (v - 1) / 6 * 3.6)}
 
 
 MASKS = _shape_masks()
@@ -386,7 +386,7 @@ def perceive(image: np.ndarray) -> tuple[Scene, float]:
     for r, c in itertools.product(range(GRID), range(GRID)):
         tile = img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
         fg = np.linalg.norm(tile - np.array(BACKGROUND, np.float32), axis=-1) > 80
-        if fg.sum() < 16:
+        if fg.sum() < 10:
             cells.append(None)
             continue
         colour = list(COLOURS)[int(np.argmin(np.linalg.norm(palette - np.median(tile[fg], 0), axis=-1)))]
