@@ -154,6 +154,8 @@ def _per_item(call, examples: list[Example], skips: SkipLog, what: str) -> tuple
     try:
         return call(examples), examples
     except SidecarRequestError as e:
+        if e.status == 404:  # the endpoint itself is missing: no item would go through
+            raise
         if len(examples) == 1:
             ex = examples[0]
             skips.add(DataError(ex.item.source, "sidecar", f"{what} of item {ex.item.id!r} refused: {e}"))
@@ -258,6 +260,11 @@ def prepare(opts: PrepareOptions, *, progress: bool = True) -> dict:
     vae = load_vae(opts.vae)
     with CacheWriter(cache_dir, opts.settings(), opts.shard_size) as writer, \
             SidecarClient(opts.sidecar) as client:
+        served = client.health().get("endpoints", [])
+        missing = [e for e in ["encode"] + ["decompose"] * opts.decompose if e not in served]
+        if missing:
+            raise ValueError(f"the sidecar ({client.url}) does not serve {missing}; start it with --encoder "
+                             "(and --decomposer for data.decompose): config sidecar.encoder / .decomposer")
         before = len(writer.done & {it.id for it in items})
         pending = [it for it in items if it.id not in writer.done]
         decoded = grain.MapDataset.source(pending).map(functools.partial(decode_example, opts=opts))

@@ -299,3 +299,30 @@ def test_rerun_skips_done_items_and_refuses_other_settings(first_run, config_fil
     assert {p: p.stat().st_mtime_ns for p in (data / "cache").glob("shard-*")} == shards
     with pytest.raises(ValueError, match="negative_prompt: ' ' vs None"):
         main(["--config", str(config_file), "--no-progress", "--config.data.negative_prompt=False"])
+
+
+def test_a_refused_item_is_skipped_alone():
+    from cogniedit_jax.data.errors import SkipLog
+    from cogniedit_jax.data.manifest import ManifestItem
+    from cogniedit_jax.prepare import Example, _per_item
+    from cogniedit_jax.sidecar.client import SidecarRequestError
+
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    items = [ManifestItem(f"i{k}", f"/data/{k}.png", "make it red") for k in range(4)]
+    examples = [Example(item, pixels, pixels) for item in items]
+    calls = []
+
+    def encode(exs, status=413):
+        calls.append(len(exs))
+        if any(e.item.id == "i2" for e in exs):
+            raise SidecarRequestError(f"/encode answered {status}: items[0].image: too large", status)
+        return [e.item.id for e in exs]
+
+    skips = SkipLog()
+    results, kept = _per_item(encode, examples, skips, "condition encoding")
+    assert results == ["i0", "i1", "i3"] and [e.item.id for e in kept] == results and calls == [4, 1, 1, 1, 1]
+    assert skips.counts == {"sidecar": 1}
+    assert skips.messages[0] == ("/data/2.png: condition encoding of item 'i2' refused: "
+                                 "/encode answered 413: items[0].image: too large")
+    with pytest.raises(SidecarRequestError, match="404"):  # a missing endpoint stops the run
+        _per_item(lambda exs: encode(exs, 404), examples, skips, "condition encoding")
