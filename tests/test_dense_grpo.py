@@ -14,7 +14,7 @@ from flax import traverse_util
 from cogniedit_jax.models.config import MMDiTConfig
 from cogniedit_jax.models.lora import Lora, LoraConfig, init_lora
 from cogniedit_jax.models.mmdit import init_params
-from cogniedit_jax.rl.dense_grpo import LossConfig, dense_grpo_loss, window_log_probs
+from cogniedit_jax.rl.dense_grpo import LossConfig, dense_grpo_loss, grpo_objective, window_log_probs
 from cogniedit_jax.rl.policy import PolicyConfig, Trainable
 from cogniedit_jax.rl.rollout import judge_rollout, sample_rollout
 from cogniedit_jax.sampling.edit_loop import EditCondition, edit_layout, guided_velocity, model_timestep
@@ -149,3 +149,40 @@ def test_a_mismatched_policy_is_refused(world):
         PolicyConfig(MODEL, LAYOUT, noise_level=0.0)
     with pytest.raises(ValueError, match="k=7"):
         PolicyConfig(MODEL, LAYOUT, num_steps=6, k=7)
+
+
+def test_dense_gradient_equals_finite_differences_in_float64():
+    """value_and_grad of the dense loss (KL included) against central differences along random directions of
+    the LoRA pytree, in float64. The finite differences are of the loss with the network's inputs held at
+    the evaluation point's states: the function whose gradient stop_gradient defines (the state itself still
+    carries theta through the SDE means). clip_eps is wide so the small steps stay inside the clip."""
+    with jax.enable_x64(True):
+        model = MODEL.replace(dtype="float64")
+        k = jax.random.split(jax.random.key(7), 6)
+        params = init_params(model, k[0], jnp.float64)
+        cond = EditCondition(jax.random.normal(k[1], (2, 5, 24)), jnp.array([[1] * 5, [1] * 3 + [0] * 2]),
+                             jax.random.normal(k[2], (2, 4, 16)))
+        sigmas, _ = make_schedule(SchedulerConfig(), 4, 6)
+        lora = perturbed_lora(k[3])
+        lora = lora.replace(params=jax.tree.map(lambda a: a.astype(jnp.float64), lora.params))
+        policy = PolicyConfig(model, LAYOUT, num_steps=4, k=3, cfg_scale=1.0)
+        rollout = sample_rollout(policy, params, Trainable(lora=lora), cond, sigmas, k[4], GROUP)
+        assert rollout.next_states.dtype == jnp.float64
+        rollout = rollout.replace(advantages=jnp.array([1.0, -0.5, 0.3, -0.8]))
+        cfg = LossConfig(policy, clip_eps=0.5, beta=0.1)
+        theta = jax.tree.map(lambda a: a + 0.05, lora.params)  # away from theta_old
+        as_trainable = lambda p: Trainable(lora=lora.replace(params=p))  # noqa: E731
+
+        _, grad = jax.jit(jax.value_and_grad(lambda p: dense_grpo_loss(as_trainable(p), params, rollout, cfg)[0]))(theta)
+        states = window_log_probs(as_trainable(theta), params, rollout, cfg)[2]
+        held = jax.jit(lambda p: grpo_objective(*window_log_probs(as_trainable(p), params, rollout, cfg, states)[:2],
+                                                rollout, cfg)[0])
+        leaves, tree = jax.tree.flatten(theta)
+        for seed in range(2):
+            keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+            d = jax.tree.unflatten(tree, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)])
+            h = 1e-5
+            fd = (held(jax.tree.map(lambda a, b: a + h * b, theta, d))
+                  - held(jax.tree.map(lambda a, b: a - h * b, theta, d))) / (2 * h)
+            analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(d)))
+            assert abs(float(fd - analytic)) <= 1e-4 * abs(float(analytic)), (float(fd), float(analytic))

@@ -12,7 +12,16 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn")
-DTYPES = ("float32", "bfloat16")
+# float64 is for finite-difference gradient tests on CPU (needs jax_enable_x64).
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+
+def at_least_f32(x):
+    """x's dtype widened to at least fp32: where norms, softmax, RoPE and the sampler's step arithmetic run
+    (fp32 for bf16/fp32 models, fp64 in fp64 tests)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
 
 # diffusers config keys that carry no architecture (bookkeeping written by save_pretrained).
 _DIFFUSERS_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")

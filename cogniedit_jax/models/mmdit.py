@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from cogniedit_jax.models import param_mapping, token_focus
-from cogniedit_jax.models.config import MMDiTConfig
+from cogniedit_jax.models.config import MMDiTConfig, at_least_f32
 from cogniedit_jax.models.rope import apply_rope, normalize_img_shapes, rope_tables
 
 _REMAT = {
@@ -51,15 +51,16 @@ def linear(p, x, lora=None, lora_scale=1.0):
 
 def layer_norm(x, eps):
     """LayerNorm without affine parameters; statistics in fp32."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(at_least_f32(x))
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def rms_norm(x, scale, eps):
-    var = jnp.square(x.astype(jnp.float32)).mean(-1, keepdims=True)
-    return (x.astype(jnp.float32) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * scale.astype(x.dtype)
+    x32 = x.astype(at_least_f32(x))
+    var = jnp.square(x32).mean(-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype) * scale.astype(x.dtype)
 
 
 def timestep_features(timestep, dtype):
@@ -70,8 +71,9 @@ def timestep_features(timestep, dtype):
     """
     half = 128
     t = timestep.astype(dtype)
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half).astype(dtype)
-    angles = 1000.0 * (t.astype(jnp.float32)[:, None] * freqs.astype(jnp.float32)[None, :])
+    wide = at_least_f32(t)
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=wide) / half).astype(dtype)
+    angles = 1000.0 * (t.astype(wide)[:, None] * freqs.astype(wide)[None, :])
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1).astype(dtype)
 
 
@@ -93,7 +95,7 @@ def _modulation(p, lora, scale, temb):
 
 
 def _gelu_tanh(x):
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+    return jax.nn.gelu(x.astype(at_least_f32(x)), approximate=True).astype(x.dtype)
 
 
 def _heads(x, head_dim):
@@ -101,6 +103,13 @@ def _heads(x, head_dim):
 
 
 def _attention(cfg, q, k, v, mask):
+    if q.dtype == jnp.float64:
+        # jax.nn.dot_product_attention takes its logits in fp32 whatever the input dtype; fp64 runs (finite-
+        # difference tests) need every op in fp64.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
     impl = None if cfg.attention_impl == "xla" else cfg.attention_impl
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 

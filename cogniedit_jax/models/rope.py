@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from cogniedit_jax.models.config import MMDiTConfig
+from cogniedit_jax.models.config import MMDiTConfig, at_least_f32
 
 ImgShapes = tuple[tuple[tuple[int, int, int], ...], ...]
 
@@ -83,7 +83,7 @@ def rope_tables(cfg: MMDiTConfig, img_shapes: ImgShapes, txt_len: int):
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Rotate interleaved pairs of x [B, S, H, D] by angles given as cos/sin [B or 1, S, D/2]."""
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    xf = x.astype(at_least_f32(x)).reshape(*x.shape[:-1], -1, 2)
     re, im = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)

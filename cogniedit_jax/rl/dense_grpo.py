@@ -18,7 +18,7 @@ being the same model with LoRA and focus off; for two Gaussians of equal std the
 per-step ratios are clipped and the objectives averaged over the window.
 
 Every step is rematerialised, so memory does not grow with k; the step arithmetic is fp32 whatever the
-model's dtype (`sde.step_dtype`).
+model's dtype (`config.at_least_f32`).
 """
 
 from __future__ import annotations
@@ -55,8 +55,14 @@ class LossConfig:
             raise ValueError(f"beta={self.beta}: must be >= 0")
 
 
-def window_log_probs(trainable: Trainable, frozen, rollout: Rollout, cfg: LossConfig):
-    """(log_probs [k, N], kl [k, N]) of the stored window under theta = (frozen, trainable)."""
+def window_log_probs(trainable: Trainable, frozen, rollout: Rollout, cfg: LossConfig, network_states=None):
+    """(log_probs [k, N], kl [k, N], states [k, N, S, 4C]) of the stored window under theta = (frozen,
+    trainable); states: what entered each step (carried in dense mode, stored in standard mode).
+
+    network_states: what the network sees at each step, as constants; by default the states themselves under
+    `stop_gradient`. Passing the states of a previous call makes the stop-gradient explicit: the loss as a
+    function of theta with those inputs fixed has, at that theta, exactly the gradient `value_and_grad`
+    gives, which is how the tests check it against finite differences."""
     policy = rollout.policy
     if policy != cfg.policy:
         raise ValueError("the rollout was sampled under another policy than the loss's; their ratios would "
@@ -65,32 +71,38 @@ def window_log_probs(trainable: Trainable, frozen, rollout: Rollout, cfg: LossCo
     stored = jnp.concatenate([rollout.start[None], rollout.next_states[:-1]])
 
     def velocity(x, sigma, trainable):
-        return guided_velocity(policy.model, frozen, jax.lax.stop_gradient(x), rollout.cond, model_timestep(sigma),
+        return guided_velocity(policy.model, frozen, x, rollout.cond, model_timestep(sigma),
                                policy.layout, policy.cfg_scale, trainable.lora, trainable.focus)
 
     def step(x, inputs):
-        sigma, sigma_next, eps, x_next_stored, x_stored = inputs
+        sigma, sigma_next, eps, x_next_stored, x_stored, x_network = inputs
         x = x if dense else x_stored
+        x_network = jax.lax.stop_gradient(x if x_network is None else x_network)
         s, s_next = per_row(sigma, x), per_row(sigma_next, x)
-        mean, std = sde_mean_std(x, velocity(x, sigma, trainable), s, s_next, policy.noise_level)
+        mean, std = sde_mean_std(x, velocity(x_network, sigma, trainable), s, s_next, policy.noise_level)
         log_prob = gaussian_log_prob(x_next_stored, mean, std, policy.reduce)
         kl = jnp.zeros_like(log_prob)
         if cfg.beta > 0:
-            ref_mean, _ = sde_mean_std(x, jax.lax.stop_gradient(velocity(x, sigma, Trainable())), s, s_next,
+            ref_mean, _ = sde_mean_std(x, jax.lax.stop_gradient(velocity(x_network, sigma, Trainable())), s, s_next,
                                        policy.noise_level)
             sq = (mean - ref_mean) ** 2 / (2 * std**2)
             kl = sq.mean(tuple(range(1, sq.ndim))) if policy.reduce == "mean" else sq.sum(tuple(range(1, sq.ndim)))
-        return mean + std * eps.astype(mean.dtype), (log_prob, kl)
+        return mean + std * eps.astype(mean.dtype), (log_prob, kl, x)
 
-    inputs = (rollout.sigmas[:-1], rollout.sigmas[1:], rollout.noises, rollout.next_states, stored)
-    _, (log_probs, kl) = jax.lax.scan(jax.checkpoint(step), rollout.start, inputs)
-    return log_probs, kl
+    inputs = (rollout.sigmas[:-1], rollout.sigmas[1:], rollout.noises, rollout.next_states, stored, network_states)
+    _, (log_probs, kl, states) = jax.lax.scan(jax.checkpoint(step), rollout.start, inputs)
+    return log_probs, kl, states
 
 
 def dense_grpo_loss(trainable: Trainable, frozen, rollout: Rollout, cfg: LossConfig):
     """-> (loss, metrics). Pure; `jax.value_and_grad(dense_grpo_loss, has_aux=True)` under jit with `cfg`
     static. Loss = -(mean over valid samples of the clipped objective) + beta * mean KL."""
-    log_probs, kl = window_log_probs(trainable, frozen, rollout, cfg)
+    log_probs, kl, _ = window_log_probs(trainable, frozen, rollout, cfg)
+    return grpo_objective(log_probs, kl, rollout, cfg)
+
+
+def grpo_objective(log_probs, kl, rollout: Rollout, cfg: LossConfig):
+    """(loss, metrics) from the window's log-probs and KLs under theta (`window_log_probs`)."""
     log_ratio = log_probs - rollout.old_log_probs.astype(log_probs.dtype)  # [k, N]
     adv = rollout.advantages.astype(log_probs.dtype)
     eps = cfg.clip_eps

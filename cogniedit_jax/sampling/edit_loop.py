@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cogniedit_jax.models.config import at_least_f32
 from cogniedit_jax.models.mmdit import transformer_forward
-from cogniedit_jax.sampling.sde import gaussian_log_prob, sde_mean_std, step_dtype
+from cogniedit_jax.sampling.sde import gaussian_log_prob, sde_mean_std
 
 Layout = tuple[tuple[int, int, int], ...]
 
@@ -102,17 +103,16 @@ def _model_text(cond: EditCondition):
 def guided_velocity(model_cfg, params, x, cond: EditCondition, timestep, layout: Layout, cfg_scale,
                     lora=None, focus=None):
     """The pipeline's noise prediction for target latents x [B, S, 4C] at `timestep` (= t / 1000, the
-    pipeline's model input; scalar or per row), in `step_dtype(x)`: the target part of the output, with
+    pipeline's model input; scalar or per row), in `at_least_f32(x)`: the target part of the output, with
     true CFG and norm rescaling when `cond` has a negative prompt."""
     text, mask = _model_text(cond)
     rows = text.shape[0] // x.shape[0]
     model_in = jnp.concatenate([x.astype(cond.source_latents.dtype), cond.source_latents], axis=1)
     model_in = jnp.concatenate([model_in] * rows)
-    focus_kw = {} if focus is None else {"focus": focus}
     t = jnp.concatenate([jnp.broadcast_to(timestep, x.shape[:1])] * rows)
     out = transformer_forward(model_cfg, params, model_in, text, mask, t,
-                              [layout] * text.shape[0], lora=lora, **focus_kw)
-    out = out[:, : x.shape[1]].astype(step_dtype(x))
+                              [layout] * text.shape[0], lora=lora, focus=focus)
+    out = out[:, : x.shape[1]].astype(at_least_f32(x))
     if rows == 1:
         return out
     cond_v, neg_v = jnp.split(out, 2)
@@ -153,9 +153,9 @@ def sample_trajectory(model_cfg, params, noise, cond: EditCondition, sigmas, noi
 
     sigmas [T + 1] (from `schedule.make_schedule`), noise_levels [T] or per row [T, N] (0 = ODE step; e.g.
     a GRPO window of k SDE steps), key: the step noises are `normal(fold_in(key, i))`, so a trajectory is
-    reproducible from (noise, key). The state is carried in `step_dtype(noise)` (fp32, or fp64 in tests).
+    reproducible from (noise, key). The state is carried in `at_least_f32(noise)` (fp32, or fp64 in tests).
     """
-    dtype = step_dtype(noise)
+    dtype = at_least_f32(noise)
     sigmas = jnp.asarray(sigmas, dtype)
     noise_levels = jnp.asarray(noise_levels, dtype)
     steps = noise_levels.shape[0]

@@ -24,15 +24,12 @@ import math
 
 import jax.numpy as jnp
 
-
-def step_dtype(x):
-    """The dtype of the step arithmetic for a sample of x's dtype: at least fp32."""
-    return jnp.promote_types(x.dtype, jnp.float32)
+from cogniedit_jax.models.config import at_least_f32
 
 
 def ode_step(sample, velocity, sigma, sigma_next):
     """x + (sigma_next - sigma) v, in fp32: diffusers' `FlowMatchEulerDiscreteScheduler.step`."""
-    dtype = step_dtype(sample)
+    dtype = at_least_f32(sample)
     return sample.astype(dtype) + (sigma_next - sigma) * velocity.astype(dtype)
 
 
@@ -44,7 +41,7 @@ def sde_std(sigma, sigma_next, noise_level):
 
 def sde_mean_std(sample, velocity, sigma, sigma_next, noise_level):
     """(mean, std) of x_next given x: the Gaussian transition of one SDE step."""
-    dtype = step_dtype(sample)
+    dtype = at_least_f32(sample)
     x = sample.astype(dtype)
     v = velocity.astype(dtype)
     sigma = jnp.asarray(sigma, dtype)
@@ -57,7 +54,7 @@ def sde_mean_std(sample, velocity, sigma, sigma_next, noise_level):
 def gaussian_log_prob(x, mean, std, reduce: str = "mean"):
     """log N(x; mean, std^2 I) per batch row: "sum" is the density of the whole latent, "mean" averages over
     its elements (Flow-GRPO's choice, which keeps ratios of large latents in range). Needs std > 0."""
-    x = x.astype(step_dtype(x))
+    x = x.astype(at_least_f32(x))
     per_element = -((x - mean) ** 2) / (2 * std**2) - jnp.log(std) - 0.5 * math.log(2 * math.pi)
     axes = tuple(range(1, per_element.ndim))
     if reduce == "mean":
