@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from cogniedit_jax.config import load_config
 from cogniedit_jax.data.buckets import TARGET_AREA, edit_dimensions, resize_to
 from cogniedit_jax.data.cache import CacheReader, CacheRecord, CacheWriter
 from cogniedit_jax.data.errors import DataError, SkipLog
@@ -295,8 +296,6 @@ def prepare(opts: PrepareOptions, *, progress: bool = True) -> dict:
 
 
 def main(argv=None) -> dict:
-    from cogniedit_jax.config import load_config
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a config file (path.py or path.py:ARG)")
     parser.add_argument("--no-progress", action="store_true")
