@@ -10,6 +10,7 @@ of `sampling.edit_loop` jitted once per bucket size.
 from __future__ import annotations
 
 import functools
+import zlib
 from pathlib import Path
 
 import jax
@@ -56,7 +57,7 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
     if lora_dir and (Path(lora_dir) / FOCUS_FILE).is_file():  # the trainer exports both into one folder
         focus = load_focus(lora_dir, editor.cfg)
     run = jax.jit(functools.partial(edit_latents, editor.cfg), static_argnames=("layout",))
-    calls = [0]
+    base_key = jax.random.key(seed)
 
     def edit(images, instructions):
         b, h, w, _ = images.shape
@@ -67,9 +68,11 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
         source = pack_latents(normalize_latents(vae_cfg, vae_encode(vae_cfg, vae_params, pixels.astype(vae_dtype))))
         tokens = source.shape[1]
         sigmas, _ = make_schedule(SchedulerConfig(), steps, tokens)
-        key = jax.random.fold_in(jax.random.key(seed), calls[0])
-        calls[0] += 1
-        noise = jax.random.normal(key, source.shape, jnp.float32)
+        # Each row's noise depends on (seed, its source pixels, its instruction) only: batching, bucket order and
+        # resuming an interrupted run leave every item's edit as it would have been.
+        noise = jnp.stack([jax.random.normal(jax.random.fold_in(base_key, zlib.crc32(im.tobytes() + t.encode())
+                                                                & 0x7FFFFFFF), source.shape[1:], jnp.float32)
+                           for im, t in zip(images, instructions, strict=True)])
         cond = EditCondition(jnp.asarray(embeds), jnp.asarray(mask), source.astype(jnp.float32),
                              jnp.asarray(neg), jnp.asarray(neg_mask))
         latents = run(editor.params, noise, cond, jnp.asarray(sigmas), layout=edit_layout(hw, [hw]),
