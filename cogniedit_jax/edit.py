@@ -7,8 +7,9 @@ The real model (`model.source="converted"`): the source is resized as the pipeli
 at its aspect ratio, sides multiples of 16: `--target-area` to change), encoded by the Flax VAE, conditioned
 through the sidecar's encoder (`--encoder DIR` or the config's `judge.sidecar.encoder`; spawned and shut down
 here), and edited by the jitted ODE loop with true CFG (`--cfg`, the config's `policy.cfg_scale` by default).
-`--editor module:fn` runs another editor, e.g. the embedded demo's: fn(config, lora, args) -> edit_fn(images
-uint8 [B, H, W, 3], instructions) -> uint8 [B, H', W', 3] (the same plug-in as `python -m cogniedit_jax.eval`).
+`--editor module:fn` runs another editor, e.g. the embedded demo's: fn(config, lora, args) ->
+edit_fn(images uint8 [B, H, W, 3], instructions) -> uint8 [B, H', W', 3] (the plug-in of
+`python -m cogniedit_jax.eval`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def _encoder_client(config, args):
     settings = dict(config.judge.sidecar)
     encoder = args.encoder or settings.get("encoder")
     if not settings.get("url") and not encoder:
-        raise SystemExit("the real model is conditioned through the sidecar's encoder: pass --encoder DIR (the "
-                         "Qwen-Image-Edit folder) or set judge.sidecar.encoder / judge.sidecar.url in the config")
+        raise SystemExit(
+            "the real model is conditioned through the sidecar's encoder: pass --encoder DIR (the "
+            "Qwen-Image-Edit folder) or set judge.sidecar.encoder / judge.sidecar.url in the config"
+        )
     settings.update(encoder=encoder, judge=None, rule_judge=None, decomposer=None, chat=None)
     settings.setdefault("spawn", "url" not in settings)
     return SidecarClient(settings)
@@ -64,11 +67,15 @@ def edit_image(config, args, image: np.ndarray) -> np.ndarray:
     from cogniedit_jax.config import resolve_plugin
 
     if args.editor:
-        return resolve_plugin("--editor", args.editor)(config, args.lora, args)(image[None], [args.instruction])[0]
+        return resolve_plugin("--editor", args.editor)(config, args.lora, args)(
+            image[None], [args.instruction]
+        )[0]
     from cogniedit_jax.eval.editor import model_editor
 
     client = _encoder_client(config, args)
-    edit_fn = model_editor(config, args.lora, client, args.steps, args.seed)  # loads and checks the model first
+    edit_fn = model_editor(
+        config, args.lora, client, args.steps, args.seed
+    )  # loads and checks the model first
     client.start()
     try:
         return edit_fn(image[None], [args.instruction])[0]
@@ -78,10 +85,14 @@ def edit_image(config, args, image: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s edit %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s edit %(levelname)s %(message)s"
+    )
     from cogniedit_jax.config import load_config
 
-    overrides = list(args.config_override) + ([f"policy.cfg_scale={args.cfg}"] if args.cfg is not None else [])
+    overrides = list(args.config_override) + (
+        [f"policy.cfg_scale={args.cfg}"] if args.cfg is not None else []
+    )
     config = load_config(args.config, overrides)
     if not args.instruction.strip():
         raise SystemExit("--instruction is empty")
@@ -96,7 +107,9 @@ def main(argv=None) -> int:
     edited = edit_image(config, args, image)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(edited).save(args.out)
-    log.info("wrote %s (%dx%d) in %.1f s", args.out, edited.shape[1], edited.shape[0], time.perf_counter() - t0)
+    log.info(
+        "wrote %s (%dx%d) in %.1f s", args.out, edited.shape[1], edited.shape[0], time.perf_counter() - t0
+    )
     return 0
 
 

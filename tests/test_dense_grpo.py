@@ -3,7 +3,6 @@ paths of dense vs standard mode, clipping, the KL, and refusal of a mismatched p
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +21,16 @@ from cogniedit_jax.sampling.schedule import SchedulerConfig, make_schedule
 from cogniedit_jax.sampling.sde import gaussian_log_prob, sde_mean_std
 
 STEPS, GROUP = 6, 2
-MODEL = MMDiTConfig(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                    num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+MODEL = MMDiTConfig(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
 LAYOUT = edit_layout((4, 6), [(4, 4)])
 
 
@@ -32,8 +39,10 @@ def perturbed_lora(key, scale=0.1):
     lora = init_lora(MODEL, LoraConfig(rank=2, alpha=2.0), key)
     flat = traverse_util.flatten_dict(lora.params, sep="/")
     keys = jax.random.split(jax.random.fold_in(key, 1), len(flat))
-    flat = {n: scale * jax.random.normal(k, v.shape) if n.endswith("/b") else v
-            for k, (n, v) in zip(keys, sorted(flat.items()))}
+    flat = {
+        n: scale * jax.random.normal(k, v.shape) if n.endswith("/b") else v
+        for k, (n, v) in zip(keys, sorted(flat.items()))
+    }
     return Lora(traverse_util.unflatten_dict(flat, sep="/"), lora.scale)
 
 
@@ -42,8 +51,13 @@ def world():
     k = jax.random.split(jax.random.key(0), 6)
     params = init_params(MODEL, k[0])
     mask = jnp.array([[1] * 5, [1] * 3 + [0] * 2])
-    cond = EditCondition(jax.random.normal(k[1], (2, 5, 24)), mask, jax.random.normal(k[2], (2, 4, 16)),
-                         jax.random.normal(k[3], (2, 3, 24)), jnp.ones((2, 3), int))
+    cond = EditCondition(
+        jax.random.normal(k[1], (2, 5, 24)),
+        mask,
+        jax.random.normal(k[2], (2, 4, 16)),
+        jax.random.normal(k[3], (2, 3, 24)),
+        jnp.ones((2, 3), int),
+    )
     sigmas, _ = make_schedule(SchedulerConfig(), STEPS, 6)
     return params, cond, sigmas, Trainable(lora=perturbed_lora(k[4]))
 
@@ -80,7 +94,7 @@ def test_rollout_window_and_rewards(world):
     assert r.shape == (4,) and np.all((0 <= r) & (r <= STEPS - 3))
     assert np.all(r[0::2] == r[1::2])  # one window per instance, shared by its G samples
     _, _, sigmas, _ = world
-    np.testing.assert_array_equal(np.asarray(rollout.sigmas).T, [sigmas[s:s + 4] for s in r])
+    np.testing.assert_array_equal(np.asarray(rollout.sigmas).T, [sigmas[s : s + 4] for s in r])
     assert np.all(np.asarray(rollout.old_log_probs) != 0)
     np.testing.assert_array_equal(rollout.advantages.reshape(2, 2)[:, 0] != 0, True)
     again, _ = make_rollout(world, 3)
@@ -113,8 +127,16 @@ def test_dense_gradient_runs_through_earlier_steps(world):
     def single_step(t):
         x = rollout.next_states[-2]
         sigma, sigma_next = rollout.sigmas[-2][:, None, None], rollout.sigmas[-1][:, None, None]
-        v = guided_velocity(MODEL, params, x, rollout.cond, model_timestep(rollout.sigmas[-2]), LAYOUT,
-                            policy.cfg_scale, t.lora)
+        v = guided_velocity(
+            MODEL,
+            params,
+            x,
+            rollout.cond,
+            model_timestep(rollout.sigmas[-2]),
+            LAYOUT,
+            policy.cfg_scale,
+            t.lora,
+        )
         mean, std = sde_mean_std(x, v, sigma, sigma_next, policy.noise_level)
         return gaussian_log_prob(rollout.next_states[-1], mean, std).sum()
 
@@ -160,8 +182,11 @@ def test_dense_gradient_equals_finite_differences_in_float64():
         model = MODEL.replace(dtype="float64")
         k = jax.random.split(jax.random.key(7), 6)
         params = init_params(model, k[0], jnp.float64)
-        cond = EditCondition(jax.random.normal(k[1], (2, 5, 24)), jnp.array([[1] * 5, [1] * 3 + [0] * 2]),
-                             jax.random.normal(k[2], (2, 4, 16)))
+        cond = EditCondition(
+            jax.random.normal(k[1], (2, 5, 24)),
+            jnp.array([[1] * 5, [1] * 3 + [0] * 2]),
+            jax.random.normal(k[2], (2, 4, 16)),
+        )
         sigmas, _ = make_schedule(SchedulerConfig(), 4, 6)
         lora = perturbed_lora(k[3])
         lora = lora.replace(params=jax.tree.map(lambda a: a.astype(jnp.float64), lora.params))
@@ -173,16 +198,25 @@ def test_dense_gradient_equals_finite_differences_in_float64():
         theta = jax.tree.map(lambda a: a + 0.05, lora.params)  # away from theta_old
         as_trainable = lambda p: Trainable(lora=lora.replace(params=p))  # noqa: E731
 
-        _, grad = jax.jit(jax.value_and_grad(lambda p: dense_grpo_loss(as_trainable(p), params, rollout, cfg)[0]))(theta)
+        _, grad = jax.jit(
+            jax.value_and_grad(lambda p: dense_grpo_loss(as_trainable(p), params, rollout, cfg)[0])
+        )(theta)
         states = window_log_probs(as_trainable(theta), params, rollout, cfg)[2]
-        held = jax.jit(lambda p: grpo_objective(*window_log_probs(as_trainable(p), params, rollout, cfg, states)[:2],
-                                                rollout, cfg)[0])
+        held = jax.jit(
+            lambda p: grpo_objective(
+                *window_log_probs(as_trainable(p), params, rollout, cfg, states)[:2], rollout, cfg
+            )[0]
+        )
         leaves, tree = jax.tree.flatten(theta)
         for seed in range(2):
             keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
-            d = jax.tree.unflatten(tree, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)])
+            d = jax.tree.unflatten(
+                tree, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
+            )
             h = 1e-5
-            fd = (held(jax.tree.map(lambda a, b: a + h * b, theta, d))
-                  - held(jax.tree.map(lambda a, b: a - h * b, theta, d))) / (2 * h)
+            fd = (
+                held(jax.tree.map(lambda a, b: a + h * b, theta, d))
+                - held(jax.tree.map(lambda a, b: a - h * b, theta, d))
+            ) / (2 * h)
             analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(d)))
             assert abs(float(fd - analytic)) <= 1e-4 * abs(float(analytic)), (float(fd), float(analytic))

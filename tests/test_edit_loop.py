@@ -40,8 +40,14 @@ STEPS = 4
 def models(tmp_path_factory):
     transformer = tiny_transformer(seed=3)
     torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 1.1, 2.0]).eval()
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.7, 1.1, 2.0],
+    ).eval()
     cfg, params = convert_and_load(transformer, tmp_path_factory.mktemp("edit"))
     return transformer, vae, cfg, params
 
@@ -64,20 +70,34 @@ def run_pipeline(transformer, vae, *, batch, txt_lens, neg_len=None, cfg_scale=1
     noise = torch.randn(batch, (height // 16) * (width // 16), transformer.config.in_channels, generator=g)
     with source_area(96 * 64), recorded_source_latents(transformer, noise.shape[1]) as seen, torch.no_grad():
         out = edit_pipeline(transformer, vae)(
-            image=source, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg[0],
-            negative_prompt_embeds_mask=neg[1], true_cfg_scale=cfg_scale, height=height, width=width,
-            num_inference_steps=STEPS, latents=noise, output_type="latent").images
-    cond = EditCondition(jnp.asarray(embeds.numpy()), jnp.asarray(mask.numpy()), jnp.asarray(seen["source"].numpy()),
-                         None if neg[0] is None else jnp.asarray(neg[0].numpy()),
-                         None if neg[1] is None else jnp.asarray(neg[1].numpy()))
+            image=source,
+            prompt_embeds=embeds,
+            prompt_embeds_mask=mask,
+            negative_prompt_embeds=neg[0],
+            negative_prompt_embeds_mask=neg[1],
+            true_cfg_scale=cfg_scale,
+            height=height,
+            width=width,
+            num_inference_steps=STEPS,
+            latents=noise,
+            output_type="latent",
+        ).images
+    cond = EditCondition(
+        jnp.asarray(embeds.numpy()),
+        jnp.asarray(mask.numpy()),
+        jnp.asarray(seen["source"].numpy()),
+        None if neg[0] is None else jnp.asarray(neg[0].numpy()),
+        None if neg[1] is None else jnp.asarray(neg[1].numpy()),
+    )
     return out.numpy(), jnp.asarray(noise.numpy()), cond, seen["img_shapes"]
 
 
 @pytest.mark.parametrize("cfg_scale, neg_len", [(1.0, None), (4.0, 5)], ids=["no_cfg", "true_cfg"])
 def test_ode_loop_matches_pipeline(models, cfg_scale, neg_len):
     transformer, vae, cfg, params = models
-    expected, noise, cond, img_shapes = run_pipeline(transformer, vae, batch=2, txt_lens=[7, 4],
-                                                     neg_len=neg_len, cfg_scale=cfg_scale)
+    expected, noise, cond, img_shapes = run_pipeline(
+        transformer, vae, batch=2, txt_lens=[7, 4], neg_len=neg_len, cfg_scale=cfg_scale
+    )
     layout = edit_layout((6, 10), [(8, 12)])  # output 48x80 px; source 64x96 px (the shrunk "megapixel")
     assert [tuple(map(tuple, row)) for row in img_shapes] == [layout] * 2
     sigmas, _ = make_schedule(SchedulerConfig(), STEPS, noise.shape[1])
@@ -118,8 +138,11 @@ def test_trajectory_records_what_grpo_needs(models):
     key = jax.random.key(5)
     k1, k2, k3 = jax.random.split(key, 3)
     noise = jax.random.normal(k1, (2, 6, cfg.in_channels))
-    cond = EditCondition(jax.random.normal(k2, (2, 5, cfg.joint_attention_dim)), jnp.array([[1] * 5, [1] * 3 + [0] * 2]),
-                         jax.random.normal(k3, (2, 4, cfg.in_channels)))
+    cond = EditCondition(
+        jax.random.normal(k2, (2, 5, cfg.joint_attention_dim)),
+        jnp.array([[1] * 5, [1] * 3 + [0] * 2]),
+        jax.random.normal(k3, (2, 4, cfg.in_channels)),
+    )
     sigmas, _ = make_schedule(SchedulerConfig(), STEPS, 6)
     levels = np.array([0.0, 0.7, 0.7, 0.0], np.float32)
     run = jax.jit(functools.partial(sample_trajectory, cfg, layout=layout, cfg_scale=1.0))

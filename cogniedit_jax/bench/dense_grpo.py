@@ -37,8 +37,9 @@ def peak_bytes(compiled) -> int:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(ap)
     ap.add_argument("--side", type=int, default=256)
     ap.add_argument("--txt", type=int, default=64)
@@ -58,42 +59,54 @@ def main(argv=None) -> dict:
     side = args.side // 8
     layout = edit_layout((side, side), [(side, side)])
     tokens = (side // 2) ** 2
-    cond = EditCondition(jax.random.normal(keys[2], (args.batch, args.txt, model.joint_attention_dim)),
-                         np.ones((args.batch, args.txt), np.int32),
-                         jax.random.normal(keys[3], (args.batch, tokens, model.in_channels)),
-                         jax.random.normal(keys[4], (args.batch, 8, model.joint_attention_dim)),
-                         np.ones((args.batch, 8), np.int32))
+    cond = EditCondition(
+        jax.random.normal(keys[2], (args.batch, args.txt, model.joint_attention_dim)),
+        np.ones((args.batch, args.txt), np.int32),
+        jax.random.normal(keys[3], (args.batch, tokens, model.in_channels)),
+        jax.random.normal(keys[4], (args.batch, 8, model.joint_attention_dim)),
+        np.ones((args.batch, 8), np.int32),
+    )
     steps = max(ks)
     sigmas, _ = make_schedule(SchedulerConfig(), steps, tokens)
     grad_fn = jax.value_and_grad(dense_grpo_loss, has_aux=True)
 
     print(f"cpu: {cpu_name()}; jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"model: {model.num_layers} layers x {model.num_attention_heads * model.attention_head_dim} wide; "
-          f"{args.batch} x {args.group} samples, {2 * tokens} image + {args.txt} text tokens, true CFG + KL "
-          f"reference pass, T = {steps}")
+    print(
+        f"model: {model.num_layers} layers x {model.num_attention_heads * model.attention_head_dim} wide; "
+        f"{args.batch} x {args.group} samples, {2 * tokens} image + {args.txt} text tokens, true CFG + KL "
+        f"reference pass, T = {steps}"
+    )
     results = {}
     fns = {}
     for k in ks:
         policy = PolicyConfig(model, layout, num_steps=steps, k=k, cfg_scale=4.0)
-        rollout = jax.jit(sample_rollout, static_argnums=(0, 6))(policy, params, trainable, cond, sigmas,
-                                                                 keys[5], args.group)
+        rollout = jax.jit(sample_rollout, static_argnums=(0, 6))(
+            policy, params, trainable, cond, sigmas, keys[5], args.group
+        )
         cfg = LossConfig(policy)
-        compiled, compile_s = compile_timed(lambda t, p, r, cfg=cfg: grad_fn(t, p, r, cfg), trainable, params,
-                                            rollout)
+        compiled, compile_s = compile_timed(
+            lambda t, p, r, cfg=cfg: grad_fn(t, p, r, cfg), trainable, params, rollout
+        )
         fns[k] = lambda c=compiled, r=rollout: jax.block_until_ready(c(trainable, params, r))
         results[k] = {"peak_bytes": peak_bytes(compiled), "compile_s": compile_s}
     times = interleaved({k: fns[k] for k in ks}, args.repeats, warmup=1)
     base = results[ks[0]]
-    print(f"{'k':>3} {'seconds':>8} {'s / k':>7} {'time vs k=' + str(ks[0]):>11} {'peak MiB':>9} "
-          f"{'memory vs k=' + str(ks[0]):>13} {'compile s':>9}")
+    print(
+        f"{'k':>3} {'seconds':>8} {'s / k':>7} {'time vs k=' + str(ks[0]):>11} {'peak MiB':>9} "
+        f"{'memory vs k=' + str(ks[0]):>13} {'compile s':>9}"
+    )
     for k in ks:
         r = results[k]
         r["seconds"] = statistics.median(times[k])
-        print(f"{k:>3} {r['seconds']:>8.3f} {r['seconds'] / k:>7.3f} "
-              f"{r['seconds'] / statistics.median(times[ks[0]]):>11.2f} {r['peak_bytes'] / 2**20:>9.1f} "
-              f"{r['peak_bytes'] / base['peak_bytes']:>13.2f} {r['compile_s']:>9.1f}")
+        print(
+            f"{k:>3} {r['seconds']:>8.3f} {r['seconds'] / k:>7.3f} "
+            f"{r['seconds'] / statistics.median(times[ks[0]]):>11.2f} {r['peak_bytes'] / 2**20:>9.1f} "
+            f"{r['peak_bytes'] / base['peak_bytes']:>13.2f} {r['compile_s']:>9.1f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"config": vars(args) | {"json": None}, "results": results}, indent=2)
+        )
     return results
 
 

@@ -42,7 +42,9 @@ def edit_pipeline(transformer, vae, scheduler_cfg=None):
 
     from cogniedit_jax.sampling.schedule import SchedulerConfig
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dataclasses.asdict(scheduler_cfg or SchedulerConfig()))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        dataclasses.asdict(scheduler_cfg or SchedulerConfig())
+    )
     pipe = QwenImageEditPipeline(scheduler, vae, None, None, None, transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -65,14 +65,25 @@ def window_log_probs(trainable: Trainable, frozen, rollout: Rollout, cfg: LossCo
     gives, which is how the tests check it against finite differences."""
     policy = rollout.policy
     if policy != cfg.policy:
-        raise ValueError("the rollout was sampled under another policy than the loss's; their ratios would "
-                         "not start at 1. Differences (rollout vs loss): " + "; ".join(policy.mismatch(cfg.policy)))
+        raise ValueError(
+            "the rollout was sampled under another policy than the loss's; their ratios would "
+            "not start at 1. Differences (rollout vs loss): " + "; ".join(policy.mismatch(cfg.policy))
+        )
     dense = cfg.mode == "dense"
     stored = jnp.concatenate([rollout.start[None], rollout.next_states[:-1]])
 
     def velocity(x, sigma, trainable):
-        return guided_velocity(policy.model, frozen, x, rollout.cond, model_timestep(sigma),
-                               policy.layout, policy.cfg_scale, trainable.lora, trainable.focus)
+        return guided_velocity(
+            policy.model,
+            frozen,
+            x,
+            rollout.cond,
+            model_timestep(sigma),
+            policy.layout,
+            policy.cfg_scale,
+            trainable.lora,
+            trainable.focus,
+        )
 
     def step(x, inputs):
         sigma, sigma_next, eps, x_next_stored, x_stored, x_network = inputs
@@ -83,13 +94,29 @@ def window_log_probs(trainable: Trainable, frozen, rollout: Rollout, cfg: LossCo
         log_prob = gaussian_log_prob(x_next_stored, mean, std, policy.reduce)
         kl = jnp.zeros_like(log_prob)
         if cfg.beta > 0:
-            ref_mean, _ = sde_mean_std(x, jax.lax.stop_gradient(velocity(x_network, sigma, Trainable())), s, s_next,
-                                       policy.noise_level)
+            ref_mean, _ = sde_mean_std(
+                x,
+                jax.lax.stop_gradient(velocity(x_network, sigma, Trainable())),
+                s,
+                s_next,
+                policy.noise_level,
+            )
             sq = (mean - ref_mean) ** 2 / (2 * std**2)
-            kl = sq.mean(tuple(range(1, sq.ndim))) if policy.reduce == "mean" else sq.sum(tuple(range(1, sq.ndim)))
+            kl = (
+                sq.mean(tuple(range(1, sq.ndim)))
+                if policy.reduce == "mean"
+                else sq.sum(tuple(range(1, sq.ndim)))
+            )
         return mean + std * eps.astype(mean.dtype), (log_prob, kl, x)
 
-    inputs = (rollout.sigmas[:-1], rollout.sigmas[1:], rollout.noises, rollout.next_states, stored, network_states)
+    inputs = (
+        rollout.sigmas[:-1],
+        rollout.sigmas[1:],
+        rollout.noises,
+        rollout.next_states,
+        stored,
+        network_states,
+    )
     _, (log_probs, kl, states) = jax.lax.scan(jax.checkpoint(step), rollout.start, inputs)
     return log_probs, kl, states
 
@@ -137,11 +164,19 @@ def grpo_objective(log_probs, kl, rollout: Rollout, cfg: LossConfig):
     psi_mean, psi_min, psi_max = masked_stats(psi)
     adv_mean, adv_min, adv_max = masked_stats(adv)
     metrics = {
-        "loss": loss, "policy_loss": policy_loss, "kl": kl_mean,
-        "ratio_mean": ratio_mean, "ratio_min": ratio_min, "ratio_max": ratio_max,
+        "loss": loss,
+        "policy_loss": policy_loss,
+        "kl": kl_mean,
+        "ratio_mean": ratio_mean,
+        "ratio_min": ratio_min,
+        "ratio_max": ratio_max,
         "clipfrac": (weight * clipped).sum(),
-        "psi_mean": psi_mean, "psi_min": psi_min, "psi_max": psi_max,
-        "adv_mean": adv_mean, "adv_min": adv_min, "adv_max": adv_max,
+        "psi_mean": psi_mean,
+        "psi_min": psi_min,
+        "psi_max": psi_max,
+        "adv_mean": adv_mean,
+        "adv_min": adv_min,
+        "adv_max": adv_max,
         "invalid": (~valid).sum(),
     }
     return loss, metrics

@@ -44,11 +44,16 @@ class PolicyConfig:
         if not 1 <= self.k <= self.num_steps:
             raise ValueError(f"policy k={self.k}: need 1 <= k <= num_steps={self.num_steps}")
         if self.noise_level <= 0:
-            raise ValueError(f"policy noise_level={self.noise_level}: must be > 0 (an ODE step has no density)")
+            raise ValueError(
+                f"policy noise_level={self.noise_level}: must be > 0 (an ODE step has no density)"
+            )
         if self.reduce not in ("mean", "sum"):
             raise ValueError(f"policy reduce={self.reduce!r}: expected 'mean' or 'sum'")
 
     def mismatch(self, other: "PolicyConfig") -> list[str]:
         """The fields on which two policies differ."""
-        return [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]

@@ -50,8 +50,9 @@ def repeat_rows(tree, times: int):
     return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), tree)
 
 
-def sample_rollout(policy: PolicyConfig, params, trainable: Trainable, cond: EditCondition, sigmas, key,
-                   group_size: int) -> Rollout:
+def sample_rollout(
+    policy: PolicyConfig, params, trainable: Trainable, cond: EditCondition, sigmas, key, group_size: int
+) -> Rollout:
     """G = group_size samples for each of the B instances in `cond`. Pure: jit it with `policy` and
     `group_size` static. sigmas [T + 1] with T = policy.num_steps. The window start r ~ Uniform{0..T-k}
     is drawn per instance (Algorithm 1, line 7) and shared by its G samples."""
@@ -67,22 +68,45 @@ def sample_rollout(policy: PolicyConfig, params, trainable: Trainable, cond: Edi
     i = jnp.arange(steps)[:, None]
     levels = jnp.where((i >= r) & (i < r + k), policy.noise_level, 0.0)
     cond = repeat_rows(cond, group_size)
-    traj = sample_trajectory(policy.model, params, noise, cond, sigmas, levels, key_steps, layout=policy.layout,
-                             cfg_scale=policy.cfg_scale, lora=trainable.lora, focus=trainable.focus,
-                             reduce=policy.reduce)
+    traj = sample_trajectory(
+        policy.model,
+        params,
+        noise,
+        cond,
+        sigmas,
+        levels,
+        key_steps,
+        layout=policy.layout,
+        cfg_scale=policy.cfg_scale,
+        lora=trainable.lora,
+        focus=trainable.focus,
+        reduce=policy.reduce,
+    )
 
     def window(a, length):  # a [steps(+1), N, ...] -> [length, N, ...] from each row's r
         return jax.vmap(lambda col, start: jax.lax.dynamic_slice_in_dim(col, start, length), (1, 0), 1)(a, r)
 
     sigma_rows = jnp.broadcast_to(jnp.asarray(sigmas, traj.latents.dtype)[:, None], (steps + 1, rows))
     zeros = jnp.zeros((rows,), jnp.float32)
-    return Rollout(cond=cond, start=window(traj.states, 1)[0], noises=window(traj.noises, k),
-                   next_states=window(traj.states[1:], k), old_log_probs=window(traj.log_probs, k),
-                   sigmas=window(sigma_rows, k + 1), final=traj.latents, window_start=r, rewards=zeros,
-                   advantages=zeros, valid=jnp.ones((rows,), bool), policy=policy)
+    return Rollout(
+        cond=cond,
+        start=window(traj.states, 1)[0],
+        noises=window(traj.noises, k),
+        next_states=window(traj.states[1:], k),
+        old_log_probs=window(traj.log_probs, k),
+        sigmas=window(sigma_rows, k + 1),
+        final=traj.latents,
+        window_start=r,
+        rewards=zeros,
+        advantages=zeros,
+        valid=jnp.ones((rows,), bool),
+        policy=policy,
+    )
 
 
-def judge_rollout(rollout: Rollout, judge: Callable, group_size: int, advantage_mode: str = "batch") -> Rollout:
+def judge_rollout(
+    rollout: Rollout, judge: Callable, group_size: int, advantage_mode: str = "batch"
+) -> Rollout:
     """Score the final latents and attach rewards and advantages.
 
     judge(final_latents [N, S, 4C]) -> (rewards [N], valid [N]): decoding and judging live there (the
@@ -92,5 +116,8 @@ def judge_rollout(rollout: Rollout, judge: Callable, group_size: int, advantage_
     rewards = np.asarray(rewards, np.float32).reshape(-1, group_size)
     valid = np.asarray(valid, bool).reshape(-1, group_size) & np.isfinite(rewards)
     advantages = compute_advantages(rewards, advantage_mode, valid)
-    return rollout.replace(rewards=jnp.asarray(np.where(valid, rewards, 0.0).reshape(-1)),
-                           advantages=advantages.reshape(-1), valid=jnp.asarray(valid.reshape(-1)))
+    return rollout.replace(
+        rewards=jnp.asarray(np.where(valid, rewards, 0.0).reshape(-1)),
+        advantages=advantages.reshape(-1),
+        valid=jnp.asarray(valid.reshape(-1)),
+    )

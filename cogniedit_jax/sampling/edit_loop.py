@@ -35,7 +35,9 @@ def pack_latents(latents):
     """[B, C, H, W] latents -> [B, (H/2)(W/2), 4C] tokens of 2x2 patches (the pipeline's `_pack_latents`)."""
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
-        raise ValueError(f"latents of shape {latents.shape}: height and width must be even to pack 2x2 patches")
+        raise ValueError(
+            f"latents of shape {latents.shape}: height and width must be even to pack 2x2 patches"
+        )
     x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
@@ -100,8 +102,9 @@ def _model_text(cond: EditCondition):
     return embeds, mask
 
 
-def guided_velocity(model_cfg, params, x, cond: EditCondition, timestep, layout: Layout, cfg_scale,
-                    lora=None, focus=None):
+def guided_velocity(
+    model_cfg, params, x, cond: EditCondition, timestep, layout: Layout, cfg_scale, lora=None, focus=None
+):
     """The pipeline's noise prediction for target latents x [B, S, 4C] at `timestep` (= t / 1000, the
     pipeline's model input; scalar or per row), in `at_least_f32(x)`: the target part of the output, with
     true CFG and norm rescaling when `cond` has a negative prompt."""
@@ -110,14 +113,17 @@ def guided_velocity(model_cfg, params, x, cond: EditCondition, timestep, layout:
     model_in = jnp.concatenate([x.astype(cond.source_latents.dtype), cond.source_latents], axis=1)
     model_in = jnp.concatenate([model_in] * rows)
     t = jnp.concatenate([jnp.broadcast_to(timestep, x.shape[:1])] * rows)
-    out = transformer_forward(model_cfg, params, model_in, text, mask, t,
-                              [layout] * text.shape[0], lora=lora, focus=focus)
+    out = transformer_forward(
+        model_cfg, params, model_in, text, mask, t, [layout] * text.shape[0], lora=lora, focus=focus
+    )
     out = out[:, : x.shape[1]].astype(at_least_f32(x))
     if rows == 1:
         return out
     cond_v, neg_v = jnp.split(out, 2)
     comb = neg_v + cfg_scale * (cond_v - neg_v)
-    return comb * (jnp.linalg.norm(cond_v, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
+    return comb * (
+        jnp.linalg.norm(cond_v, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True)
+    )
 
 
 def per_row(v, x):
@@ -145,9 +151,22 @@ def flow_step(x, velocity, sigma, sigma_next, noise_level, noise, reduce: str = 
     return x_next, jnp.where(jnp.asarray(noise_level) > 0, log_prob, 0.0), mean, std
 
 
-def sample_trajectory(model_cfg, params, noise, cond: EditCondition, sigmas, noise_levels, key, *,
-                      layout: Layout, cfg_scale=4.0, num_train_timesteps: int = 1000, lora=None, focus=None,
-                      reduce: str = "mean") -> Trajectory:
+def sample_trajectory(
+    model_cfg,
+    params,
+    noise,
+    cond: EditCondition,
+    sigmas,
+    noise_levels,
+    key,
+    *,
+    layout: Layout,
+    cfg_scale=4.0,
+    num_train_timesteps: int = 1000,
+    lora=None,
+    focus=None,
+    reduce: str = "mean",
+) -> Trajectory:
     """Run all T steps from x_T = `noise` [B, S, 4C] in one `lax.scan`. Pure; call it under `jax.jit`
     with `layout` (and `reduce`) static.
 
@@ -173,11 +192,31 @@ def sample_trajectory(model_cfg, params, noise, cond: EditCondition, sigmas, noi
     return Trajectory(final, jnp.concatenate([states, final[None]]), noises, log_probs)
 
 
-def edit_latents(model_cfg, params, noise, cond: EditCondition, sigmas, *, layout: Layout, cfg_scale=4.0,
-                 lora=None, focus=None):
+def edit_latents(
+    model_cfg,
+    params,
+    noise,
+    cond: EditCondition,
+    sigmas,
+    *,
+    layout: Layout,
+    cfg_scale=4.0,
+    lora=None,
+    focus=None,
+):
     """The deterministic (ODE) edit: final packed target latents [B, S, 4C]. Keeping only `latents` lets
     XLA drop the stored trajectory."""
     steps = np.shape(sigmas)[0] - 1
-    return sample_trajectory(model_cfg, params, noise, cond, sigmas, np.zeros(steps, np.float32),
-                             jax.random.key(0), layout=layout, cfg_scale=cfg_scale, lora=lora,
-                             focus=focus).latents
+    return sample_trajectory(
+        model_cfg,
+        params,
+        noise,
+        cond,
+        sigmas,
+        np.zeros(steps, np.float32),
+        jax.random.key(0),
+        layout=layout,
+        cfg_scale=cfg_scale,
+        lora=lora,
+        focus=focus,
+    ).latents

@@ -33,16 +33,22 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"scheduler time_shift_type={self.time_shift_type!r}: expected exponential or linear")
+            raise ValueError(
+                f"scheduler time_shift_type={self.time_shift_type!r}: expected exponential or linear"
+            )
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "SchedulerConfig":
         on = [k for k in _UNSUPPORTED if config.get(k)]
         if on:
-            raise ValueError(f"scheduler config fields {on} are unsupported (Qwen-Image-Edit uses none of them)")
+            raise ValueError(
+                f"scheduler config fields {on} are unsupported (Qwen-Image-Edit uses none of them)"
+            )
         if config.get("stochastic_sampling"):
-            raise ValueError("scheduler config field stochastic_sampling=True is unsupported: "
-                             "stochastic steps are chosen per step by the edit loop (sde.py)")
+            raise ValueError(
+                "scheduler config field stochastic_sampling=True is unsupported: "
+                "stochastic steps are chosen per step by the edit loop (sde.py)"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known - set(_IGNORED) - set(_UNSUPPORTED))
         if unknown:
