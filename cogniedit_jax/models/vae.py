@@ -174,7 +174,7 @@ def _tiled(fn, x, tile, stride, out_tile, out_stride, out_size):
 def _apply(cfg: VAEConfig, network, params, array, encoding: bool):
     """NCHW `array` -> `network`'s NHWC output, in tiles as diffusers cuts them where tiling is on and the
     input is larger than one tile (tile sizes are set in pixels; the decoder's input tiles are latents)."""
-    x = jnp.transpose(array, (0, 2, 3, 1)).astype(jnp.dtype(cfg.dtype))
+    x = jnp.transpose(array, (0, 2, 3, 1)).astype(cfg.compute_dtype)
     fn = functools.partial(network, cfg, params)
     r = cfg.spatial_compression_ratio
     sample = ((cfg.tile_sample_min_height, cfg.tile_sample_min_width),
@@ -268,5 +268,5 @@ def load_vae(path, **runtime) -> tuple[VAEConfig, dict]:
         check_tensors({t.ours: t.shape for t in plan}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                       str(file))
         # 127M parameters: the whole VAE fits in host memory at once.
-        flat = {t.ours: jnp.asarray(f.get_tensor(t.ours), jnp.dtype(cfg.dtype)) for t in plan}
+        flat = {t.ours: jnp.asarray(f.get_tensor(t.ours), cfg.compute_dtype) for t in plan}
     return cfg, traverse_util.unflatten_dict(flat, sep="/")

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -94,6 +95,10 @@ class VAEConfig:
     @property
     def spatial_compression_ratio(self) -> int:
         return 2 ** len(self.temperal_downsample)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any], **runtime) -> "VAEConfig":
