@@ -19,8 +19,12 @@ class Checkpoints:
     def __init__(self, directory, keep: int = 3):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("arrays", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False))
+            self.directory,
+            item_names=("arrays", "meta"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            ),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -28,18 +32,25 @@ class Checkpoints:
     def save(self, step: int, arrays, meta: dict) -> None:
         if step in self.manager.all_steps():
             return  # already saved (e.g. the periodic save fell on the final step)
-        self.manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+        )
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_arrays) -> tuple[object, dict]:
         """(arrays laid out as `abstract_arrays`' shardings, meta) of `step`."""
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(abstract_arrays), meta=ocp.args.JsonRestore()))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    arrays=ocp.args.StandardRestore(abstract_arrays), meta=ocp.args.JsonRestore()
+                ),
+            )
         except (ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {self.directory / str(step)} does not fit this run's config (the "
-                             f"model, LoRA, focus or optimizer settings changed since it was written): {e}") from e
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} does not fit this run's config (the "
+                f"model, LoRA, focus or optimizer settings changed since it was written): {e}"
+            ) from e
         return out["arrays"], dict(out["meta"])
 
     def close(self) -> None:

@@ -57,16 +57,20 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     *parents, leaf = name.split(".")
     node = config
     for i, part in enumerate(parents):
-        where = ".".join(parents[:i + 1])
+        where = ".".join(parents[: i + 1])
         if part not in node:
-            raise ConfigError(f"--config.{name}: no such field {where} (fields here: {', '.join(sorted(node))})")
+            raise ConfigError(
+                f"--config.{name}: no such field {where} (fields here: {', '.join(sorted(node))})"
+            )
         node = node[part]
         if not isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(f"--config.{name}: {where} is a single field, not a group of fields")
     if leaf not in node:
         raise ConfigError(f"--config.{name}: no such field (fields here: {', '.join(sorted(node))})")
     if isinstance(node[leaf], ml_collections.ConfigDict):
-        raise ConfigError(f"--config.{name}: is a group of fields; set one of {', '.join(sorted(node[leaf]))}")
+        raise ConfigError(
+            f"--config.{name}: is a group of fields; set one of {', '.join(sorted(node[leaf]))}"
+        )
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -81,8 +85,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     try:
         node[leaf] = value
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"--config.{name}={raw}: {type(current).__name__} expected, got "
-                          f"{type(value).__name__} ({e})") from None
+        raise ConfigError(
+            f"--config.{name}={raw}: {type(current).__name__} expected, got {type(value).__name__} ({e})"
+        ) from None
 
 
 def is_plugin(source: str) -> bool:
@@ -90,7 +95,7 @@ def is_plugin(source: str) -> bool:
 
 
 def resolve_plugin(field: str, source: str):
-    """"package.module:function" -> the function; errors name the config field."""
+    """ "package.module:function" -> the function; errors name the config field."""
     module_name, _, attr = source.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -107,8 +112,12 @@ def _check(errors: list, field: str, ok: bool, message: str) -> None:
 
 
 def _source(errors, field, value, builtins):
-    _check(errors, field, isinstance(value, str) and (value in builtins or is_plugin(value)),
-           f"{value!r}: expected one of {builtins} or 'package.module:function'")
+    _check(
+        errors,
+        field,
+        isinstance(value, str) and (value in builtins or is_plugin(value)),
+        f"{value!r}: expected one of {builtins} or 'package.module:function'",
+    )
 
 
 def _dataclass(errors, field, cls, **kwargs):
@@ -124,26 +133,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises one ConfigError listing every field that is wrong (field: value and what was expected)."""
     c, errors = config, []
     for name in ("total_steps", "updates_per_rollout", "max_bad_updates"):
-        _check(errors, name, isinstance(c[name], int) and c[name] >= 1, f"{c[name]!r}: expected an integer >= 1")
+        _check(
+            errors, name, isinstance(c[name], int) and c[name] >= 1, f"{c[name]!r}: expected an integer >= 1"
+        )
     _check(errors, "stop_after", c.stop_after >= 0, f"{c.stop_after}: expected >= 0 (0: run to total_steps)")
     _source(errors, "model.source", c.model.source, MODEL_SOURCES)
     if c.model.source == "converted":
-        _check(errors, "model.path", bool(c.model.path), "model.source='converted' needs the converted folder")
+        _check(
+            errors, "model.path", bool(c.model.path), "model.source='converted' needs the converted folder"
+        )
     _check(errors, "lora.rank", c.lora.rank >= 1, f"{c.lora.rank}: expected >= 1")
     _check(errors, "lora.alpha", c.lora.alpha > 0, f"{c.lora.alpha}: expected > 0")
     if c.focus.enabled:
-        _dataclass(errors, "focus", FocusConfig, xi=c.focus.xi, predictor_dim=c.focus.predictor_dim,
-                   train_mode=c.focus.train_mode)
+        _dataclass(
+            errors,
+            "focus",
+            FocusConfig,
+            xi=c.focus.xi,
+            predictor_dim=c.focus.predictor_dim,
+            train_mode=c.focus.train_mode,
+        )
     p = c.policy
     _check(errors, "policy.num_steps", p.num_steps >= 2, f"{p.num_steps}: expected >= 2")
-    _check(errors, "policy.k", 1 <= p.k <= p.num_steps, f"{p.k}: need 1 <= k <= policy.num_steps={p.num_steps}")
+    _check(
+        errors, "policy.k", 1 <= p.k <= p.num_steps, f"{p.k}: need 1 <= k <= policy.num_steps={p.num_steps}"
+    )
     _check(errors, "policy.noise_level", p.noise_level > 0, f"{p.noise_level}: expected > 0")
     _check(errors, "policy.reduce", p.reduce in ("mean", "sum"), f"{p.reduce!r}: expected 'mean' or 'sum'")
-    _check(errors, "loss.mode", c.loss.mode in policy_lib.MODES, f"{c.loss.mode!r}: expected one of {policy_lib.MODES}")
+    _check(
+        errors,
+        "loss.mode",
+        c.loss.mode in policy_lib.MODES,
+        f"{c.loss.mode!r}: expected one of {policy_lib.MODES}",
+    )
     _check(errors, "loss.clip_eps", 0 < c.loss.clip_eps < 1, f"{c.loss.clip_eps}: expected 0 < clip_eps < 1")
     _check(errors, "loss.beta", c.loss.beta >= 0, f"{c.loss.beta}: expected >= 0")
-    _check(errors, "loss.advantage_mode", c.loss.advantage_mode in advantages.MODES,
-           f"{c.loss.advantage_mode!r}: expected one of {advantages.MODES}")
+    _check(
+        errors,
+        "loss.advantage_mode",
+        c.loss.advantage_mode in advantages.MODES,
+        f"{c.loss.advantage_mode!r}: expected one of {advantages.MODES}",
+    )
     _check(errors, "rollout.group_size", c.rollout.group_size >= 1, f"{c.rollout.group_size}: expected >= 1")
     _source(errors, "data.source", c.data.source, DATA_SOURCES)
     _check(errors, "data.batch_size", c.data.batch_size >= 1, f"{c.data.batch_size}: expected >= 1")
@@ -153,16 +183,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _source(errors, "judge.source", c.judge.source, JUDGE_SOURCES)
     if c.judge.source == "rule":
         _check(errors, "judge.rule", bool(c.judge.rule), "judge.source='rule' needs a rule judge name")
-    _check(errors, "judge.normalization", c.judge.normalization in REWARD_NORMALIZATIONS,
-           f"{c.judge.normalization!r}: expected one of {REWARD_NORMALIZATIONS}")
+    _check(
+        errors,
+        "judge.normalization",
+        c.judge.normalization in REWARD_NORMALIZATIONS,
+        f"{c.judge.normalization!r}: expected one of {REWARD_NORMALIZATIONS}",
+    )
     o = c.optim
     _check(errors, "optim.lr", o.lr > 0, f"{o.lr}: expected > 0")
-    _check(errors, "optim.warmup_frac", 0 <= o.warmup_frac < 1, f"{o.warmup_frac}: expected 0 <= warmup_frac < 1")
+    _check(
+        errors, "optim.warmup_frac", 0 <= o.warmup_frac < 1, f"{o.warmup_frac}: expected 0 <= warmup_frac < 1"
+    )
     _check(errors, "optim.grad_clip", o.grad_clip > 0, f"{o.grad_clip}: expected > 0")
     _check(errors, "optim.weight_decay", o.weight_decay >= 0, f"{o.weight_decay}: expected >= 0")
     for name in ("data", "fsdp"):
         v = c.mesh[name]
-        _check(errors, f"mesh.{name}", isinstance(v, int) and (v >= 1 or v == -1), f"{v!r}: expected >= 1 or -1")
+        _check(
+            errors, f"mesh.{name}", isinstance(v, int) and (v >= 1 or v == -1), f"{v!r}: expected >= 1 or -1"
+        )
     _check(errors, "checkpoint.every", c.checkpoint.every >= 1, f"{c.checkpoint.every}: expected >= 1")
     _check(errors, "checkpoint.keep", c.checkpoint.keep >= 1, f"{c.checkpoint.keep}: expected >= 1")
     _check(errors, "log.grid_every", c.log.grid_every >= 0, f"{c.log.grid_every}: expected >= 0 (0: never)")
@@ -175,11 +213,14 @@ def loss_config(config, policy: policy_lib.PolicyConfig) -> LossConfig:
 
 
 def lora_config(config) -> LoraConfig:
-    return LoraConfig(rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+    return LoraConfig(
+        rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets)
+    )
 
 
 def focus_config(config) -> FocusConfig | None:
     if not config.focus.enabled:
         return None
-    return FocusConfig(xi=config.focus.xi, predictor_dim=config.focus.predictor_dim,
-                       train_mode=config.focus.train_mode)
+    return FocusConfig(
+        xi=config.focus.xi, predictor_dim=config.focus.predictor_dim, train_mode=config.focus.train_mode
+    )

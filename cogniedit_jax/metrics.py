@@ -1,8 +1,8 @@
-"""What a training run writes for people to read: `metrics.jsonl` (one JSON object per step), TensorBoard event
-files (tensorboardX: no TensorFlow needed) and PNG grids of source | sampled edits with their rewards.
+"""What a training run writes for people to read: `metrics.jsonl` (one JSON object per step), TensorBoard
+event files (tensorboardX: no TensorFlow needed) and PNG grids of source | sampled edits with their rewards.
 
-On resume the metrics written after the restored checkpoint's step (by a run that died later) are dropped, from
-the JSONL file and, through `purge_step`, from TensorBoard, so both read as one uninterrupted run.
+On resume the metrics written after the restored checkpoint's step (by a run that died later) are dropped,
+from the JSONL file and, through `purge_step`, from TensorBoard, so both read as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
-        self.tb = (SummaryWriter(str(Path(workdir) / TB_FOLDER), purge_step=resume_step + 1)
-                   if tensorboard else None)
+        self.tb = (
+            SummaryWriter(str(Path(workdir) / TB_FOLDER), purge_step=resume_step + 1) if tensorboard else None
+        )
 
     def write(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -63,8 +64,9 @@ def read_metrics(workdir) -> list[dict]:
     return [json.loads(ln) for ln in (Path(workdir) / METRICS_NAME).read_text().splitlines() if ln.strip()]
 
 
-def sample_grid(sources: np.ndarray, edits: np.ndarray, rewards: np.ndarray, instructions=None,
-                cell: int = 128) -> np.ndarray:
+def sample_grid(
+    sources: np.ndarray, edits: np.ndarray, rewards: np.ndarray, instructions=None, cell: int = 128
+) -> np.ndarray:
     """One row per instance: its source, then its G edits, each labelled with its reward (nan: invalid).
     sources uint8 [B, H, W, 3], edits uint8 [B, G, H', W', 3], rewards [B, G] -> uint8 [rows, cols, 3]."""
     b, g = edits.shape[:2]
@@ -76,8 +78,10 @@ def sample_grid(sources: np.ndarray, edits: np.ndarray, rewards: np.ndarray, ins
         cells = [(sources[i], (instructions[i] if instructions else "source")[:24])]
         cells += [(edits[i, j], f"R={float(rewards[i, j]):.3g}") for j in range(g)]
         for j, (img, text) in enumerate(cells):
-            grid.paste(Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), Image.NEAREST),
-                       (j * cell, y + label))
+            grid.paste(
+                Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), Image.NEAREST),
+                (j * cell, y + label),
+            )
             draw.text((j * cell + 2, y + 1), text, fill="black")
     return np.asarray(grid)
 

@@ -2,8 +2,8 @@
 trainable pytree and its optimizer state replicated, batch rows over the whole mesh.
 
 Frozen params: each leaf is split over `fsdp` along its largest axis that the axis size divides, never the
-stacked layer axis 0 of `blocks/*` (the block `lax.scan` slices it), and replicated over `data`. A leaf with no
-such axis stays replicated (norm scales, small biases). XLA gathers each block's weights inside the scan.
+stacked layer axis 0 of `blocks/*` (the block `lax.scan` slices it), and replicated over `data`. A leaf with
+no such axis stays replicated (norm scales, small biases). XLA gathers each block's weights inside the scan.
 
 Multi-host: `maybe_initialize_distributed` starts `jax.distributed` when the environment names a coordinator
 (or a cluster launcher that jax detects on its own); then every host feeds its slice of the global batch.
@@ -45,8 +45,10 @@ def mesh_shape(data: int, fsdp: int, device_count: int) -> tuple[int, int]:
             raise ValueError(f"mesh: {other} does not divide the {device_count} devices")
         data, fsdp = (device_count // other, other) if data == -1 else (other, device_count // other)
     if data < 1 or fsdp < 1 or data * fsdp != device_count:
-        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp}, but there are {device_count} "
-                         "devices: the product must equal the device count")
+        raise ValueError(
+            f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp}, but there are {device_count} "
+            "devices: the product must equal the device count"
+        )
     return data, fsdp
 
 
@@ -60,8 +62,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices=None) -> Mesh:
 def fsdp_spec(path: str, shape: tuple[int, ...], fsdp: int) -> P:
     """The PartitionSpec of a frozen leaf: its largest axis divisible by `fsdp` (ties: the last one), except
     axis 0 of stacked block params."""
-    candidates = [i for i, n in enumerate(shape)
-                  if n % fsdp == 0 and n >= fsdp and not (i == 0 and path.startswith("blocks/"))]
+    candidates = [
+        i
+        for i, n in enumerate(shape)
+        if n % fsdp == 0 and n >= fsdp and not (i == 0 and path.startswith("blocks/"))
+    ]
     if fsdp == 1 or not candidates:
         return P()
     axis = max(candidates, key=lambda i: (shape[i], i))
@@ -73,7 +78,8 @@ def frozen_shardings(abstract_params, mesh: Mesh):
     flat = traverse_util.flatten_dict(abstract_params, sep="/")
     fsdp = mesh.shape["fsdp"]
     return traverse_util.unflatten_dict(
-        {k: NamedSharding(mesh, fsdp_spec(k, tuple(v.shape), fsdp)) for k, v in flat.items()}, sep="/")
+        {k: NamedSharding(mesh, fsdp_spec(k, tuple(v.shape), fsdp)) for k, v in flat.items()}, sep="/"
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -89,8 +95,11 @@ def rows_sharding(mesh: Mesh, shape: tuple[int, ...], axis: int = 0) -> NamedSha
 
 def put_global(tree, shardings):
     """Host numpy arrays that are identical on every process -> global jax.Arrays with `shardings`."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        shardings,
+    )
 
 
 def gather_hosts(tree):

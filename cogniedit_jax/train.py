@@ -5,9 +5,9 @@
 Re-running the same command on the same workdir resumes from its last checkpoint. Per step: a global batch of
 conditions -> a rollout of G samples each under theta_old (jitted, rows over the whole mesh) -> decode and
 judge on the host (a failed judge call marks samples invalid, never stops the run) -> advantages ->
-`updates_per_rollout` jitted optimizer updates of the trainable pytree (LoRA + focus), a non-finite one skipped
-and counted. Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/, DIR/grids/*.png and, at the end,
-DIR/export/pytorch_lora_weights.safetensors (+ focus.safetensors).
+`updates_per_rollout` jitted optimizer updates of the trainable pytree (LoRA + focus), a non-finite one
+skipped and counted. Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/, DIR/grids/*.png and, at
+the end, DIR/export/pytorch_lora_weights.safetensors (+ focus.safetensors).
 
 The three pluggable parts (`model.source`, `data.source`, `judge.source`) are a built-in name or
 "package.module:function" (signatures in configs/tiny.py's docstring).
@@ -56,7 +56,7 @@ class TrainingError(RuntimeError):
     pass
 
 
-# --- the editor (frozen model + a decoder to images) ----------------------------------------------------------
+# --- the editor (frozen model + a decoder to images) ---------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -86,16 +86,19 @@ def random_editor(config, mesh) -> Editor:
     arch = dict(config.model.arch)
     arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
     cfg = MMDiTConfig(**arch, **_model_runtime(config))
-    key = jax.random.key(config.model.seed)
-    init = functools.partial(init_params, cfg)
-    shardings = parallel.frozen_shardings(jax.eval_shape(init, key), mesh)
-    params = jax.jit(init, out_shardings=shardings)(key)
+    params = _init_frozen(cfg, mesh, jax.random.key(config.model.seed))
     return Editor(cfg, params, functools.partial(latent_preview, scale=config.model.preview_scale))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_frozen(cfg: MMDiTConfig, mesh, key):
+    params = init_params(cfg, key)
+    return jax.lax.with_sharding_constraint(params, parallel.frozen_shardings(params, mesh))
+
+
 def converted_editor(config, mesh) -> Editor:
-    """The folder written by convert/qwen_image_edit.py (transformer/ and vae/), each weight read straight into
-    its FSDP shard; the VAE (replicated) decodes."""
+    """The folder written by convert/qwen_image_edit.py (transformer/ and vae/), each weight read straight
+    into its FSDP shard; the VAE (replicated) decodes."""
     from cogniedit_jax.models.vae import denormalize_latents, load_vae, vae_decode
 
     path = Path(config.model.path)
@@ -108,7 +111,11 @@ def converted_editor(config, mesh) -> Editor:
     def decode(packed, hw):
         latents = denormalize_latents(vae_cfg, unpack_latents(jnp.asarray(packed, jnp.float32), *hw))
         images = vae_decode(vae_cfg, vae_params, latents.astype(vae_cfg.compute_dtype))
-        return np.asarray(jnp.round((images.astype(jnp.float32) + 1) * 127.5)).astype(np.uint8).transpose(0, 2, 3, 1)
+        return (
+            np.asarray(jnp.round((images.astype(jnp.float32) + 1) * 127.5))
+            .astype(np.uint8)
+            .transpose(0, 2, 3, 1)
+        )
 
     return Editor(cfg, params, decode)
 
@@ -124,7 +131,7 @@ def load_editor(config, mesh) -> Editor:
     return dataclasses.replace(editor, params=jax.device_put(editor.params, shardings))
 
 
-# --- condition sources ------------------------------------------------------------------------------------------
+# --- condition sources -------------------------------------------------------------------------------
 # A source iterates over this host's rows of each global batch, as dicts: "cond" (an EditCondition of numpy
 # arrays), "layout" (edit_layout: target first), "sources" (uint8 [B, H, W, 3], what the judge compares
 # against), "instructions" (list of str), "valid" (bool [B]: False for a row whose example failed to load);
@@ -132,14 +139,21 @@ def load_editor(config, mesh) -> Editor:
 
 
 class RandomConditions:
-    """Random text states, masks and source latents, a pure function of (seed, step): for tests and smoke runs.
-    The source picture is the editor's decode of the source latents."""
+    """Random text states, masks and source latents, a pure function of (seed, step): for tests and smoke
+    runs. The source picture is the editor's decode of the source latents."""
 
     def __init__(self, config, editor: Editor, process_index: int = 0, process_count: int = 1):
         d = config.data
-        self.seed, self.batch, self.hw, self.text_len = config.seed, d.batch_size, tuple(d.latent_hw), d.text_len
+        self.seed, self.batch, self.hw, self.text_len = (
+            config.seed,
+            d.batch_size,
+            tuple(d.latent_hw),
+            d.text_len,
+        )
         self.negative, self.editor, self.step = d.negative_prompt, editor, 0
-        self.rows = slice(process_index * self.batch // process_count, (process_index + 1) * self.batch // process_count)
+        self.rows = slice(
+            process_index * self.batch // process_count, (process_index + 1) * self.batch // process_count
+        )
 
     def batch_at(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step])
@@ -149,9 +163,13 @@ class RandomConditions:
         source = rng.standard_normal((b, (h // 2) * (w // 2), cfg.in_channels), np.float32)
         neg = (rng.standard_normal((b, 2, cfg.joint_attention_dim), np.float32), np.ones((b, 2), np.int32))
         cond = EditCondition(embeds, mask, source, *(neg if self.negative else (None, None)))
-        batch = {"cond": cond, "layout": edit_layout((h, w), [(h, w)]),
-                 "sources": self.editor.decode(source, (h, w)),
-                 "instructions": [f"random edit {step}.{i}" for i in range(b)], "valid": np.ones(b, bool)}
+        batch = {
+            "cond": cond,
+            "layout": edit_layout((h, w), [(h, w)]),
+            "sources": self.editor.decode(source, (h, w)),
+            "instructions": [f"random edit {step}.{i}" for i in range(b)],
+            "valid": np.ones(b, bool),
+        }
         return _host_rows(batch, self.rows)
 
     def __iter__(self):
@@ -169,8 +187,13 @@ class RandomConditions:
 
 def _host_rows(batch: dict, rows: slice) -> dict:
     take = lambda x: x if x is None else x[rows]  # noqa: E731
-    return {**batch, "cond": jax.tree.map(take, batch["cond"]), "sources": batch["sources"][rows],
-            "instructions": batch["instructions"][rows], "valid": batch["valid"][rows]}
+    return {
+        **batch,
+        "cond": jax.tree.map(take, batch["cond"]),
+        "sources": batch["sources"][rows],
+        "instructions": batch["instructions"][rows],
+        "valid": batch["valid"][rows],
+    }
 
 
 class CachedConditions:
@@ -186,16 +209,24 @@ class CachedConditions:
 
         d = config.data
         items, skips = read_manifest(d.manifest)
-        self.loader = manifest_loader(items, global_batch_size=d.batch_size, seed=config.seed,
-                                      target_area=d.target_area, process_index=process_index,
-                                      process_count=process_count, num_threads=d.num_threads)
+        self.loader = manifest_loader(
+            items,
+            global_batch_size=d.batch_size,
+            seed=config.seed,
+            target_area=d.target_area,
+            process_index=process_index,
+            process_count=process_count,
+            num_threads=d.num_threads,
+        )
         self.loader.skips.merge(skips)
         self.cache, self.max_len, self.vae_scale = Path(d.cache_dir), d.max_text_len, d.vae_scale
         self.negative = None
         if (self.cache / "negative.npz").is_file():
             with np.load(self.cache / "negative.npz") as z:
-                self.negative = (z["prompt_embeds"].reshape(-1, z["prompt_embeds"].shape[-1]),
-                                 z["mask"].reshape(-1).astype(np.int32))
+                self.negative = (
+                    z["prompt_embeds"].reshape(-1, z["prompt_embeds"].shape[-1]),
+                    z["mask"].reshape(-1).astype(np.int32),
+                )
         self.loader.load_fn = functools.partial(self._load, self.loader.load_fn)
 
     def _load(self, load_image, i: int) -> dict:
@@ -208,10 +239,16 @@ class CachedConditions:
             mask = z["mask"].reshape(-1).astype(np.int32) if "mask" in z else np.ones(len(embeds), np.int32)
             source, grid = z["source_latents"], tuple(int(v) for v in z["source_grid"])
         if len(embeds) > self.max_len:
-            raise DataError(str(file), "text_too_long", f"{len(embeds)} text tokens > data.max_text_len={self.max_len}")
+            raise DataError(
+                str(file), "text_too_long", f"{len(embeds)} text tokens > data.max_text_len={self.max_len}"
+            )
         pad = self.max_len - len(embeds)
-        ex.update(prompt_embeds=np.pad(embeds, [(0, pad), (0, 0)]), mask=np.pad(mask, (0, pad)),
-                  source_latents=source, source_grid=np.asarray(grid))
+        ex.update(
+            prompt_embeds=np.pad(embeds, [(0, pad), (0, 0)]),
+            mask=np.pad(mask, (0, pad)),
+            source_latents=source,
+            source_grid=np.asarray(grid),
+        )
         return ex
 
     def __iter__(self):
@@ -220,12 +257,20 @@ class CachedConditions:
             height, width = ex["source"].shape[1:3]
             target = (height // self.vae_scale, width // self.vae_scale)
             grid = tuple(int(v) * 2 for v in ex["source_grid"][0])  # tokens -> latent pixels
-            neg = ((np.repeat(self.negative[0][None], b, 0), np.repeat(self.negative[1][None], b, 0))
-                   if self.negative is not None else (None, None))
+            neg = (
+                (np.repeat(self.negative[0][None], b, 0), np.repeat(self.negative[1][None], b, 0))
+                if self.negative is not None
+                else (None, None)
+            )
             cond = EditCondition(ex["prompt_embeds"], ex["mask"], ex["source_latents"], *neg)
             instructions = [e["answer"] if e else t for e, t in zip(ex["enhanced"], ex["instruction"])]
-            yield {"cond": cond, "layout": edit_layout(target, [grid]), "sources": ex["source"],
-                   "instructions": instructions, "valid": ex["valid"]}
+            yield {
+                "cond": cond,
+                "layout": edit_layout(target, [grid]),
+                "sources": ex["source"],
+                "instructions": instructions,
+                "valid": ex["valid"],
+            }
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -241,7 +286,7 @@ def make_conditions(config, editor: Editor):
     return make(config, editor, jax.process_index(), jax.process_count())
 
 
-# --- judges --------------------------------------------------------------------------------------------------
+# --- judges ------------------------------------------------------------------------------------------
 # A judge maps (edited uint8 [N, H, W, 3], sources uint8 [N, H, W, 3], instructions [N]) -> (rewards [N],
 # valid [N]).
 
@@ -264,7 +309,9 @@ def make_judge(config) -> tuple[Callable, Callable]:
         rule = get_rule_judge(j.rule)
 
         def judge(edited, sources, instructions):
-            items = [{"edited": e, "source": s, "instruction": t} for e, s, t in zip(edited, sources, instructions)]
+            items = [
+                {"edited": e, "source": s, "instruction": t} for e, s, t in zip(edited, sources, instructions)
+            ]
             return judge_rewards(rule.score(items), j.normalization)
 
         return judge, lambda: None
@@ -277,7 +324,7 @@ def make_judge(config) -> tuple[Callable, Callable]:
     return config_lib.resolve_plugin("judge.source", j.source)(config), lambda: None
 
 
-# --- the jitted core ---------------------------------------------------------------------------------------------
+# --- the jitted core ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,22 +344,39 @@ class OptimSpec:
     def from_config(cls, config) -> "OptimSpec":
         o = config.optim
         total = config.total_steps * config.updates_per_rollout
-        return cls(float(o.lr), int(o.warmup_frac * total), total, float(o.b1), float(o.b2), float(o.eps),
-                   float(o.weight_decay), float(o.grad_clip))
+        return cls(
+            float(o.lr),
+            int(o.warmup_frac * total),
+            total,
+            float(o.b1),
+            float(o.b2),
+            float(o.eps),
+            float(o.weight_decay),
+            float(o.grad_clip),
+        )
 
     def build(self) -> optax.GradientTransformation:
         """clip_by_global_norm -> AdamW, lr: linear warm-up, then cosine decay to 0 at the last update."""
-        schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup_steps, self.total_updates, 0.0)
-        adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=self.b1, b2=self.b2,
-                                                      eps=self.eps, weight_decay=self.weight_decay)
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, self.lr, self.warmup_steps, self.total_updates, 0.0
+        )
+        adamw = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay
+        )
         return optax.chain(optax.clip_by_global_norm(self.grad_clip), adamw)
 
 
-def init_trainable(model: MMDiTConfig, config, key) -> Trainable:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def init_state(model: MMDiTConfig, lora_cfg, focus_cfg, optim: OptimSpec, mesh, key):
+    """(trainable, optimizer state), replicated: LoRA (B = 0) and focus (gate = 0) leave the model
+    unchanged."""
     key_lora, key_focus = jax.random.split(key)
-    focus_cfg = config_lib.focus_config(config)
-    return Trainable(lora=init_lora(model, config_lib.lora_config(config), key_lora),
-                     focus=None if focus_cfg is None else init_focus(model, focus_cfg, key_focus))
+    trainable = Trainable(
+        lora=init_lora(model, lora_cfg, key_lora),
+        focus=None if focus_cfg is None else init_focus(model, focus_cfg, key_focus),
+    )
+    state = (trainable, optim.build().init(trainable))
+    return jax.lax.with_sharding_constraint(state, parallel.replicated(mesh))
 
 
 def _training_mode(trainable: Trainable) -> Trainable:
@@ -325,8 +389,12 @@ def rollout_shardings(mesh, rollout: Rollout):
     """Rows over the whole mesh: axis 1 of the [k(+1), N, ...] window arrays, axis 0 of the rest."""
     windowed = {"noises", "next_states", "old_log_probs", "sigmas"}
     fields = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout) if f.name != "policy"}
-    out = {name: jax.tree.map(lambda x, axis=int(name in windowed): parallel.rows_sharding(mesh, x.shape, axis), v)
-           for name, v in fields.items()}
+    out = {
+        name: jax.tree.map(
+            lambda x, axis=int(name in windowed): parallel.rows_sharding(mesh, x.shape, axis), v
+        )
+        for name, v in fields.items()
+    }
     return rollout.replace(**out)
 
 
@@ -339,21 +407,25 @@ def rollout_step(mesh, policy, frozen, trainable, cond, sigmas, key, group_size)
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
 def update_step(optim: OptimSpec, loss_cfg, trainable, opt_state, frozen, rollout):
     """One optimizer update; a non-finite loss or gradient leaves trainable and optimizer state unchanged."""
+
     def loss_of(t):
         return dense_grpo_loss(_training_mode(t), frozen, rollout, loss_cfg)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = optim.build().update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     lr = new_opt[1].hyperparams["learning_rate"]
-    return keep(new_trainable, trainable), keep(new_opt, opt_state), {**metrics, "grad_norm": grad_norm,
-                                                                       "lr": lr, "finite": finite}
+    return (
+        keep(new_trainable, trainable),
+        keep(new_opt, opt_state),
+        {**metrics, "grad_norm": grad_norm, "lr": lr, "finite": finite},
+    )
 
 
-# --- the loop -----------------------------------------------------------------------------------------------------
+# --- the loop ----------------------------------------------------------------------------------------
 
 
 class _StopSignal:
@@ -389,7 +461,9 @@ def _judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw
     images = editor.decode(rows, target_hw)
     instance = index // group
     try:
-        rewards, valid = judge(images, batch["sources"][instance], [batch["instructions"][i] for i in instance])
+        rewards, valid = judge(
+            images, batch["sources"][instance], [batch["instructions"][i] for i in instance]
+        )
         rewards, valid = np.asarray(rewards, np.float32), np.asarray(valid, bool)
     except Exception as e:  # noqa: BLE001  (a judge failure must not end a long run)
         log.warning("judge failed on %d samples, marked invalid: %s: %s", len(index), type(e).__name__, e)
@@ -413,26 +487,27 @@ def train(config, workdir) -> dict:
     conditions = make_conditions(config, editor)
     judge, close_judge = make_judge(config)
     optim = OptimSpec.from_config(config)
-    optimizer = optim.build()
     group = config.rollout.group_size
 
     repl = parallel.replicated(mesh)
-    key = jax.random.key(config.seed)
-    init_key, key = jax.random.split(key)
-    init = functools.partial(init_trainable, editor.cfg, config)
-    abstract = jax.eval_shape(init, init_key)
-    trainable = jax.jit(init, out_shardings=jax.tree.map(lambda _: repl, abstract))(init_key)
-    opt_state = jax.jit(optimizer.init, out_shardings=jax.tree.map(
-        lambda _: repl, jax.eval_shape(optimizer.init, abstract)))(trainable)
-    state_shardings = jax.tree.map(lambda _: repl, {"trainable": trainable, "opt_state": opt_state,
-                                                    "key": jax.random.key_data(key)})
+    init_key, key = jax.random.split(jax.random.key(config.seed))
+    init = functools.partial(
+        init_state, editor.cfg, config_lib.lora_config(config), config_lib.focus_config(config), optim, mesh
+    )
 
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
     step, counters = 0, {"skipped_updates": 0, "bad_in_a_row": 0, "invalid_rewards": 0, "bad_examples": 0}
     latest = ckpt.latest_step()
-    if latest is not None:
-        arrays = {"trainable": trainable, "opt_state": opt_state, "key": jax.random.key_data(key)}
-        restored, meta = ckpt.restore(latest, abstract_like(arrays, state_shardings))
+    if latest is None:
+        trainable, opt_state = init(init_key)
+    else:
+        abstract_state = jax.eval_shape(init, init_key)
+        arrays = {
+            "trainable": abstract_state[0],
+            "opt_state": abstract_state[1],
+            "key": jax.eval_shape(jax.random.key_data, key),
+        }
+        restored, meta = ckpt.restore(latest, abstract_like(arrays, jax.tree.map(lambda _: repl, arrays)))
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         key = jax.random.wrap_key_data(restored["key"])
         conditions.load_state_dict(meta["data"])
@@ -440,14 +515,21 @@ def train(config, workdir) -> dict:
         log.info("resumed from %s at step %d", ckpt.directory / str(latest), step)
 
     def save():
-        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "key": jax.random.key_data(key)},
-                  {"step": step, "data": conditions.state_dict(), "counters": counters,
-                   "config": config.to_json()})
+        ckpt.save(
+            step,
+            {"trainable": trainable, "opt_state": opt_state, "key": jax.random.key_data(key)},
+            {"step": step, "data": conditions.state_dict(), "counters": counters, "config": config.to_json()},
+        )
 
     writer = MetricsWriter(workdir, resume_step=step) if jax.process_index() == 0 else None
     end = min(config.total_steps, config.stop_after or config.total_steps)
-    bar = tqdm(total=config.total_steps, initial=step, disable=not config.log.progress or jax.process_index() > 0,
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.total_steps,
+        initial=step,
+        disable=not config.log.progress or jax.process_index() > 0,
+        desc="train",
+        dynamic_ncols=True,
+    )
     batches = iter(conditions)
     metrics, stop = {}, _StopSignal()
     try:
@@ -455,56 +537,84 @@ def train(config, workdir) -> dict:
             while step < end and stop.received is None:
                 batch = parallel.gather_hosts(next(batches))
                 target_hw = (batch["layout"][0][1] * 2, batch["layout"][0][2] * 2)
-                policy = PolicyConfig(editor.cfg, batch["layout"], num_steps=config.policy.num_steps,
-                                      k=config.policy.k, noise_level=config.policy.noise_level,
-                                      cfg_scale=config.policy.cfg_scale, reduce=config.policy.reduce)
+                policy = PolicyConfig(
+                    editor.cfg,
+                    batch["layout"],
+                    num_steps=config.policy.num_steps,
+                    k=config.policy.k,
+                    noise_level=config.policy.noise_level,
+                    cfg_scale=config.policy.cfg_scale,
+                    reduce=config.policy.reduce,
+                )
                 loss_cfg = config_lib.loss_config(config, policy)
-                sigmas, _ = make_schedule(SchedulerConfig(), policy.num_steps, target_hw[0] * target_hw[1] // 4)
+                sigmas, _ = make_schedule(
+                    SchedulerConfig(), policy.num_steps, target_hw[0] * target_hw[1] // 4
+                )
                 cond = parallel.put_global(batch["cond"], jax.tree.map(lambda _: repl, batch["cond"]))
                 key, rollout_key = jax.random.split(key)
 
                 t0 = time.perf_counter()
-                rollout = jax.block_until_ready(rollout_step(mesh, policy, editor.params, trainable, cond, sigmas,
-                                                           rollout_key, group))
+                rollout = jax.block_until_ready(
+                    rollout_step(mesh, policy, editor.params, trainable, cond, sigmas, rollout_key, group)
+                )
                 t1 = time.perf_counter()
                 rewards, valid, images = _judge_rows(editor, judge, rollout.final, batch, group, target_hw)
-                rollout = judge_rollout(rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode)
+                rollout = judge_rollout(
+                    rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode
+                )
                 rollout = jax.device_put(rollout, rollout_shardings(mesh, rollout))
                 t2 = time.perf_counter()
                 updates = []
                 for _ in range(config.updates_per_rollout):
-                    trainable, opt_state, m = update_step(optim, loss_cfg, trainable, opt_state, editor.params, rollout)
+                    trainable, opt_state, m = update_step(
+                        optim, loss_cfg, trainable, opt_state, editor.params, rollout
+                    )
                     updates.append(jax.device_get(m))
                 t3 = time.perf_counter()
 
                 step += 1
                 finite = [bool(u["finite"]) for u in updates]
                 counters["skipped_updates"] += finite.count(False)
-                counters["bad_in_a_row"] = 0 if all(finite) else counters["bad_in_a_row"] + finite.count(False)
+                counters["bad_in_a_row"] = (
+                    0 if all(finite) else counters["bad_in_a_row"] + finite.count(False)
+                )
                 counters["invalid_rewards"] += int((~valid).sum())
                 counters["bad_examples"] += int((~np.asarray(batch["valid"])).sum())
                 good = rewards[valid]
                 mean = lambda name: float(np.mean([u[name] for u in updates]))  # noqa: E731
-                metrics = {"loss": mean("loss"), "policy_loss": mean("policy_loss"),
-                           "reward_mean": float(good.mean()) if good.size else float("nan"),
-                           "reward_std": float(good.std()) if good.size else float("nan"),
-                           "ratio_first": float(updates[0]["ratio_mean"]), "clipfrac": mean("clipfrac"),
-                           "kl": mean("kl"), "grad_norm": mean("grad_norm"), "lr": float(updates[-1]["lr"]),
-                           "invalid_rewards": int((~valid).sum()), "skipped_updates": finite.count(False),
-                           "bad_examples": int((~np.asarray(batch["valid"])).sum()),
-                           "seconds_rollout": t1 - t0, "seconds_judge": t2 - t1, "seconds_update": t3 - t2}
+                metrics = {
+                    "loss": mean("loss"),
+                    "policy_loss": mean("policy_loss"),
+                    "reward_mean": float(good.mean()) if good.size else float("nan"),
+                    "reward_std": float(good.std()) if good.size else float("nan"),
+                    "ratio_first": float(updates[0]["ratio_mean"]),
+                    "clipfrac": mean("clipfrac"),
+                    "kl": mean("kl"),
+                    "grad_norm": mean("grad_norm"),
+                    "lr": float(updates[-1]["lr"]),
+                    "invalid_rewards": int((~valid).sum()),
+                    "skipped_updates": finite.count(False),
+                    "bad_examples": int((~np.asarray(batch["valid"])).sum()),
+                    "seconds_rollout": t1 - t0,
+                    "seconds_judge": t2 - t1,
+                    "seconds_update": t3 - t2,
+                }
                 if writer is not None:
                     writer.write(step, metrics)
                     if config.log.grid_every and (step % config.log.grid_every == 0 or step == 1):
-                        _write_grid(writer, workdir, step, batch, images, rewards, group, config.log.grid_rows)
+                        _write_grid(
+                            writer, workdir, step, batch, images, rewards, group, config.log.grid_rows
+                        )
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3g}", loss=f"{metrics['loss']:.3g}")
                 if counters["bad_in_a_row"] >= config.max_bad_updates:
                     save()
                     raise TrainingError(
                         f"{counters['bad_in_a_row']} non-finite updates in a row (max_bad_updates="
-                        f"{config.max_bad_updates}) at step {step}: stopped with a checkpoint in {ckpt.directory}. "
-                        "Lower optim.lr or loss.clip_eps, or check the judge's rewards, then rerun to resume.")
+                        f"{config.max_bad_updates}) at step {step}: stopped with a checkpoint in "
+                        f"{ckpt.directory}. "
+                        "Lower optim.lr or loss.clip_eps, or check the judge's rewards, then rerun to resume."
+                    )
                 if step % config.checkpoint.every == 0:
                     save()
             save()
@@ -514,25 +624,37 @@ def train(config, workdir) -> dict:
                 if trainable.focus is not None:
                     save_focus(trainable.focus, export)
             if stop.received:
-                log.warning("%s: stopped after step %d with a checkpoint; rerun the same command to resume",
-                            stop.received, step)
+                log.warning(
+                    "%s: stopped after step %d with a checkpoint; rerun the same command to resume",
+                    stop.received,
+                    step,
+                )
     finally:
         bar.close()
         close_judge()
         if writer is not None:
             writer.close()
         ckpt.close()
-    return {"step": step, **metrics, **{k: v for k, v in counters.items() if k != "bad_in_a_row"},
-            "interrupted": stop.received}
+    return {
+        "step": step,
+        **metrics,
+        **{k: v for k, v in counters.items() if k != "bad_in_a_row"},
+        "interrupted": stop.received,
+    }
 
 
-def _write_grid(writer: MetricsWriter, workdir: Path, step: int, batch: dict, images, rewards, group: int,
-                rows: int) -> None:
+def _write_grid(
+    writer: MetricsWriter, workdir: Path, step: int, batch: dict, images, rewards, group: int, rows: int
+) -> None:
     """The first `rows` instances of this host's rows: source | G edits with rewards."""
     rows = min(rows, len(images) // group)
     edits = images[: rows * group].reshape(rows, group, *images.shape[1:])
-    grid = sample_grid(batch["sources"][:rows], edits, rewards[: rows * group].reshape(rows, group),
-                       batch["instructions"][:rows])
+    grid = sample_grid(
+        batch["sources"][:rows],
+        edits,
+        rewards[: rows * group].reshape(rows, group),
+        batch["instructions"][:rows],
+    )
     save_grid(workdir / "grids" / f"step_{step:06d}.png", grid)
     writer.image("samples", step, grid)
 
@@ -554,8 +676,10 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
         elif arg.startswith("--config."):
             overrides.append(arg.removeprefix("--config."))
         else:
-            raise config_lib.ConfigError(f"unknown argument {arg!r}; usage: python -m cogniedit_jax.train "
-                                         "--config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]")
+            raise config_lib.ConfigError(
+                f"unknown argument {arg!r}; usage: python -m cogniedit_jax.train "
+                "--config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]"
+            )
         i += 1
     if spec is None or workdir is None:
         raise config_lib.ConfigError("both --config and --workdir are required")

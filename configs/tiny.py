@@ -11,7 +11,7 @@ stop_after             0, or end this invocation after that global step with a c
 max_bad_updates        non-finite updates in a row before the run stops (with a checkpoint)
 model.source           "random" (model.arch, random weights, latent-preview decoder), "converted"
                        (model.path: convert/qwen_image_edit.py's folder with transformer/ and vae/) or
-                       "package.module:function": fn(config) -> cogniedit_jax.train.Editor(cfg, params, decode)
+                       "package.module:function": fn(config) -> train.Editor(cfg, params, decode)
                        with decode(packed latents [N, S, 4C] numpy, latent (h, w)) -> uint8 [N, H, W, 3]
 model.dtype / remat_policy / attention_impl    how the MMDiT runs (MMDiTConfig fields)
 model.arch, model.seed, model.preview_scale    "random" only: MMDiTConfig fields, init seed, preview upscale
@@ -49,19 +49,56 @@ def get_config(arg=None):
     c.updates_per_rollout = 1
     c.stop_after = 0
     c.max_bad_updates = 5
-    c.model = dict(source="random", path="", dtype="float32", remat_policy="none", attention_impl="xla",
-                   arch=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                             num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),
-                   seed=0, preview_scale=4)
-    c.lora = dict(rank=2, alpha=2.0, targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                                              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                                              "attn.to_add_out"))
+    c.model = dict(
+        source="random",
+        path="",
+        dtype="float32",
+        remat_policy="none",
+        attention_impl="xla",
+        arch=dict(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        seed=0,
+        preview_scale=4,
+    )
+    c.lora = dict(
+        rank=2,
+        alpha=2.0,
+        targets=(
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+        ),
+    )
     c.focus = dict(enabled=True, xi=3, predictor_dim=8, train_mode="straight_through")
     c.policy = dict(num_steps=4, k=2, noise_level=0.7, cfg_scale=4.0, reduce="mean")
     c.loss = dict(mode="dense", clip_eps=1e-3, beta=0.004, advantage_mode="batch")
     c.rollout = dict(group_size=2)
-    c.data = dict(source="random", batch_size=4, latent_hw=(8, 8), text_len=6, negative_prompt=False,
-                  manifest="", cache_dir="", max_text_len=0, target_area=0, num_threads=0, vae_scale=8)
+    c.data = dict(
+        source="random",
+        batch_size=4,
+        latent_hw=(8, 8),
+        text_len=6,
+        negative_prompt=False,
+        manifest="",
+        cache_dir="",
+        max_text_len=0,
+        target_area=0,
+        num_threads=0,
+        vae_scale=8,
+    )
     c.judge = dict(source="rule", rule="pixel_stats", normalization="sum", sidecar=dict())
     c.optim = dict(lr=1e-3, warmup_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
     c.mesh = dict(data=1, fsdp=-1)

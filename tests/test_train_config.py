@@ -24,17 +24,28 @@ def test_base_has_the_papers_settings():
 
 
 def test_overrides_are_typed_and_refused_by_name():
-    c = load_config("configs/tiny.py", ["policy.k=3", "optim.lr=1", "lora.targets=['attn.to_q']",
-                                        "log.progress=True", "model.path=1e-3", "data.latent_hw=(4, 6)"])
+    c = load_config(
+        "configs/tiny.py",
+        [
+            "policy.k=3",
+            "optim.lr=1",
+            "lora.targets=['attn.to_q']",
+            "log.progress=True",
+            "model.path=1e-3",
+            "data.latent_hw=(4, 6)",
+        ],
+    )
     assert c.policy.k == 3 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
     assert c.lora.targets == ("attn.to_q",) and c.log.progress is True
     assert c.model.path == "1e-3" and c.data.latent_hw == (4, 6)
-    cases = {"lora.rnk=3": r"--config.lora.rnk: no such field \(fields here: alpha, rank, targets\)",
-             "lora.rank=abc": r"--config.lora.rank=abc: int expected, got str",
-             "lora=3": r"--config.lora: is a group of fields; set one of alpha, rank, targets",
-             "nope.x=1": r"--config.nope.x: no such field nope",
-             "seed.x=1": r"--config.seed.x: seed is a single field",
-             "policy.k": r"expected --config.FIELD=VALUE"}
+    cases = {
+        "lora.rnk=3": r"--config.lora.rnk: no such field \(fields here: alpha, rank, targets\)",
+        "lora.rank=abc": r"--config.lora.rank=abc: int expected, got str",
+        "lora=3": r"--config.lora: is a group of fields; set one of alpha, rank, targets",
+        "nope.x=1": r"--config.nope.x: no such field nope",
+        "seed.x=1": r"--config.seed.x: seed is a single field",
+        "policy.k": r"expected --config.FIELD=VALUE",
+    }
     for override, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             apply_override(load_config("configs/tiny.py"), override)
@@ -43,21 +54,45 @@ def test_overrides_are_typed_and_refused_by_name():
 
 
 def test_validation_lists_every_bad_field():
-    c = load_config("configs/tiny.py", ["policy.k=9", "loss.mode=ppo", "optim.lr=0", "mesh.fsdp=0",
-                                        "model.source=nomodule", "judge.normalization=max", "focus.xi=0"])
+    c = load_config(
+        "configs/tiny.py",
+        [
+            "policy.k=9",
+            "loss.mode=ppo",
+            "optim.lr=0",
+            "mesh.fsdp=0",
+            "model.source=nomodule",
+            "judge.normalization=max",
+            "focus.xi=0",
+        ],
+    )
     with pytest.raises(ConfigError) as err:
         validate(c)
     text = str(err.value)
     assert text.startswith("7 bad config field(s)")
-    for field in ("policy.k: 9: need 1 <= k <= policy.num_steps=4", "loss.mode: 'ppo'", "optim.lr: 0.0",
-                  "mesh.fsdp: 0", "model.source: 'nomodule'", "judge.normalization: 'max'", "focus: FocusConfig: xi=0"):
+    for field in (
+        "policy.k: 9: need 1 <= k <= policy.num_steps=4",
+        "loss.mode: 'ppo'",
+        "optim.lr: 0.0",
+        "mesh.fsdp: 0",
+        "model.source: 'nomodule'",
+        "judge.normalization: 'max'",
+        "focus: FocusConfig: xi=0",
+    ):
         assert field in text, (field, text)
 
 
 def test_command_line_arguments():
-    assert parse_args(["--config", "c.py:arg", "--workdir=w", "--config.a.b=1"]) == ("c.py:arg", "w", ["a.b=1"])
-    for argv, message in ((["--config", "c.py"], "both --config and --workdir"), (["--cfg=x"], "unknown argument"),
-                          (["--workdir"], "--workdir needs a value")):
+    assert parse_args(["--config", "c.py:arg", "--workdir=w", "--config.a.b=1"]) == (
+        "c.py:arg",
+        "w",
+        ["a.b=1"],
+    )
+    for argv, message in (
+        (["--config", "c.py"], "both --config and --workdir"),
+        (["--cfg=x"], "unknown argument"),
+        (["--workdir"], "--workdir needs a value"),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_args(argv)
 
