@@ -3,18 +3,14 @@ judge prompts by rule (shared by the tests/test_eval_*.py files and used by the 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+from cogniedit_jax.data import shapes
+from cogniedit_jax.eval.items import png_bytes
 
 
 def image(seed: int, hw=(24, 32)) -> np.ndarray:
@@ -85,6 +81,14 @@ def invert_edit(images, instructions):
 def invert_editor(config, lora, args):
     """CLI plugin form (`--editor tests.eval_fixtures:invert_editor`)."""
     return invert_edit
+
+
+def oracle_shapes_editor(config, lora, args):
+    """CLI plugin: paints the shapes world's exact outcome of each instruction (the judge must call it exact)."""
+    def edit(images, instructions):
+        return np.stack([shapes.render(shapes.outcomes(shapes.perceive(im)[0], shapes.parse_instruction(t))[0])
+                         for im, t in zip(images, instructions, strict=True)])
+    return edit
 
 
 def rule_chat(turns, attempt):

@@ -11,6 +11,8 @@ paper's "-r1"). `--rule-chat module:fn` judges in process instead: fn(turns, att
 `--editor module:fn` replaces the model: fn(config, lora, args) -> edit_fn(images uint8 [B, H, W, 3],
 instructions) -> uint8 [B, H', W', 3]. `--lora` takes the trainer's export folder (LoRA, and the token focus
 when focus.safetensors is there).
+`--bench shapes --data SEED:N` runs the demo's shapes world instead: the demo editor (`--demo-editor DIR`,
+default: the shipped weights) at the world's image size, judged by its rule judge, no sidecar.
 Run again with the same --out to continue: finished items are skipped.
 """
 
@@ -21,24 +23,26 @@ import logging
 import sys
 
 from cogniedit_jax.data.buckets import TARGET_AREA
-from cogniedit_jax.eval import aggregate, gedit, kris, report, runner, scoring
+from cogniedit_jax.eval import aggregate, gedit, kris, report, runner, scoring, shapes
 
 BENCHES = {"gedit": (gedit.load_gedit, scoring.judge_gedit, aggregate.gedit_summary),
-           "kris": (kris.load_kris, scoring.judge_kris, aggregate.kris_summary)}
+           "kris": (kris.load_kris, scoring.judge_kris, aggregate.kris_summary),
+           "shapes": (shapes.load_shapes, shapes.judge_shapes, shapes.shapes_summary)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cogniedit_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a training config file (configs/X.py[:ARG])")
     p.add_argument("--bench", required=True, choices=sorted(BENCHES))
-    p.add_argument("--data", required=True, help="the benchmark's local folder")
+    p.add_argument("--data", required=True, help="the benchmark's local folder (shapes: SEED:N)")
     p.add_argument("--out", required=True, help="output folder (resumed when it exists)")
     p.add_argument("--lora", help="a LoRA folder/file written by save_diffusers_lora")
     p.add_argument("--reason", action="store_true", help="rewrite instructions with the decomposer first (-r1)")
     p.add_argument("--label", help="the row name in the report (default: from --lora/--reason)")
     p.add_argument("--batch-size", type=int, default=1, help="items per edit call (one resolution bucket)")
     p.add_argument("--limit", type=int, default=0, help="only the first N items (smoke runs)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default: 50)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's 50; shapes: 8)")
+    p.add_argument("--demo-editor", metavar="DIR", help="shapes: a demo editor folder (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-retries", type=int, default=2, help="sampled re-asks of an unreadable answer")
     p.add_argument("--judge-max-new-tokens", type=int, default=512)
@@ -65,11 +69,13 @@ def _sidecar(config, args):
 
     settings = dict(config.judge.sidecar)
     settings.setdefault("spawn", "url" not in settings)
-    roles = {"chat": None if args.rule_chat else args.chat or settings.get("chat") or settings.get("judge"),
-             "encoder": None if args.editor else args.encoder or settings.get("encoder"),
+    world = args.bench == "shapes"  # rule judge and demo editor: no model roles
+    model_judge, model_edit = not (args.rule_chat or world), not (args.editor or world)
+    roles = {"chat": args.chat or settings.get("chat") or settings.get("judge") if model_judge else None,
+             "encoder": args.encoder or settings.get("encoder") if model_edit else None,
              "decomposer": args.decomposer or settings.get("decomposer") if args.reason else None}
     if settings["spawn"]:
-        for role, needed in (("chat", not args.rule_chat), ("encoder", not args.editor), ("decomposer", args.reason)):
+        for role, needed in (("chat", model_judge), ("encoder", model_edit), ("decomposer", args.reason)):
             if needed and not roles[role]:
                 raise SystemExit(f"the sidecar needs a {role} model: pass --{role} DIR (or set "
                                  f"judge.sidecar.{role} in the config)")
@@ -87,8 +93,10 @@ def main(argv=None) -> int:
     items = load(args.data)
     if args.limit:
         items = items[:args.limit]
+    shapes_world = args.bench == "shapes"
+    steps = args.steps or (8 if shapes_world else 50)
     client = None
-    if not (args.rule_chat and args.editor and not args.reason):
+    if args.reason or not shapes_world and not (args.rule_chat and args.editor):
         client = _sidecar(config, args)
         client.start()
     try:
@@ -100,14 +108,16 @@ def main(argv=None) -> int:
                                    top_p=0.9 if attempt else None, seed=args.seed + attempt if attempt else None)
         if args.editor:
             edit_fn = _plugin(args.editor)(config, args.lora, args)
+        elif shapes_world:
+            edit_fn = shapes.demo_editor(args.lora, args.demo_editor, steps, args.seed)
         else:
             from cogniedit_jax.eval.editor import model_editor
 
-            edit_fn = model_editor(config, args.lora, client, args.steps, args.seed)
+            edit_fn = model_editor(config, args.lora, client, steps, args.seed)
         reason_fn = client.decompose if args.reason else None
         records = runner.run_items(
             items, args.out, edit_fn, lambda its, srcs, eds: judge(chat, its, srcs, eds, args.judge_retries),
-            batch_size=args.batch_size, reason_fn=reason_fn, target_area=args.target_area)
+            batch_size=args.batch_size, reason_fn=reason_fn, target_area=None if shapes_world else args.target_area)
     finally:
         if client is not None:
             client.close()

@@ -23,7 +23,7 @@ def _mean(values) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def _counts(records) -> dict:
+def status_counts(records) -> dict:
     return dict(sorted(collections.Counter(r["status"] for r in records).items()))
 
 
@@ -52,7 +52,7 @@ def gedit_summary(records: list[dict]) -> dict:
             present = [t for t in TASK_TYPES if per_task[t]["scored"]]
             out[lang][subset] = {
                 "scores": {m: _mean(per_task[t][m] for t in present) for m in GEDIT_METRICS},
-                "per_task": per_task, "counts": _counts(rows),
+                "per_task": per_task, "counts": status_counts(rows),
                 "missing_task_types": [t for t in TASK_TYPES if t not in present]}
     return out
 
@@ -82,7 +82,7 @@ def kris_summary(records: list[dict]) -> dict:
             for m, v in values.items():
                 pooled[group][m] += v
             folders[folder] = {"group": group, **{m: _mean(v) for m, v in values.items()},
-                               "counts": _counts(rows), "scored": {m: len(v) for m, v in values.items()}}
+                               "counts": status_counts(rows), "scored": {m: len(v) for m, v in values.items()}}
     groups = {}
     for group, by_metric in pooled.items():
         flat = [v for m in KRIS_METRICS for v in by_metric.get(m, [])]
@@ -94,4 +94,4 @@ def kris_summary(records: list[dict]) -> dict:
              if any(flat_of[g] for g in gs)}
     everything = [v for g in GROUPS for v in flat_of[g]]
     return {"folders": folders, "groups": groups, "knowledge_types": types,
-            "overall": {"AVG": _mean(everything)}, "counts": _counts(records)}
+            "overall": {"AVG": _mean(everything)}, "counts": status_counts(records)}

@@ -32,6 +32,12 @@ class EvalItem:
         return "/".join(re.sub(r"[^A-Za-z0-9._-]", "_", part) or "_" for part in self.id.split("/"))
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def load_image(src: Path | bytes, where: str = "") -> np.ndarray:
     """uint8 [H, W, 3] from a file (the data loader's checks and mode rules) or from encoded bytes."""
     if isinstance(src, bytes):

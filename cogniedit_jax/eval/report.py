@@ -98,6 +98,20 @@ def gedit_markdown(summary: dict, label: str) -> str:
                       *(f"- {n}" for n in notes)]) + "\n"
 
 
+def shapes_markdown(summary: dict, label: str) -> str:
+    """The demo's held-out figures: reward R = A + Co + Cs (3-15), the judge's scores and exact edits."""
+    keys = ("reward_mean", "alignment", "coherence", "consistency", "exact")
+    rows = [_row(f"**{label}** (this run)", [summary.get(k) for k in keys], 3)]
+    per_attr = summary.get("exact_per_attribute", {})
+    return "\n".join(["## Shapes world (held-out demo edits)", "",
+                      *_table(["Editor", "reward (3-15)", "alignment", "coherence", "consistency", "exact"], rows),
+                      "", "Exact per attribute: " + (", ".join(f"{a} {v:.3f}" for a, v in per_attr.items()) or "n/a"),
+                      "", "Items by status: " + _status(summary["counts"])]) + "\n"
+
+
+MARKDOWN = {"gedit": gedit_markdown, "kris": kris_markdown, "shapes": shapes_markdown}
+
+
 def _img(path: str | None) -> str:
     return f'<img src="{html.escape(path)}" loading="lazy">' if path else "&mdash;"
 
@@ -125,7 +139,7 @@ def html_page(records: list[dict], title: str) -> str:
 def write_report(bench: str, summary: dict, records: list[dict], out_dir, label: str) -> Path:
     """report.md, summary.json and index.html in `out_dir`; returns the markdown's path."""
     out = Path(out_dir)
-    markdown = (kris_markdown if bench == "kris" else gedit_markdown)(summary, label)
+    markdown = MARKDOWN[bench](summary, label)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     (out / "index.html").write_text(html_page(records, f"{bench}: {label}"), encoding="utf-8")
     path = out / "report.md"

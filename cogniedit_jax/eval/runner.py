@@ -86,9 +86,10 @@ def _save_thumb(array: np.ndarray, path: Path):
 
 
 def run_items(items: list[EvalItem], out_dir, edit_fn: Callable, judge_fn: Callable, *, batch_size: int = 1,
-              reason_fn: Callable | None = None, target_area: int = TARGET_AREA) -> list[dict]:
+              reason_fn: Callable | None = None, target_area: int | None = TARGET_AREA) -> list[dict]:
     """Runs every item of `items` not yet finished in `out_dir`; returns all records (old and new), in the
-    order of `items`. Sources are resized to the edit pipeline's size for `target_area` pixels. Items a one-image editor cannot run (several inputs) and items whose source image cannot
+    order of `items`. Sources are resized to the edit pipeline's size for `target_area` pixels (None: edited
+    at their own size, batched by it). Items a one-image editor cannot run (several inputs) and items whose source image cannot
     be read get a record with that status: they are reported, never dropped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def run_items(items: list[EvalItem], out_dir, edit_fn: Callable, judge_fn: Calla
                               "error": f"needs {1 + len(it.extra_sources)} input images; the editor takes one"})
                 continue
             try:
-                buckets.setdefault(edit_dimensions(*_size(it.source), target_area), []).append(it)
+                size = _size(it.source)
+                buckets.setdefault(edit_dimensions(*size, target_area) if target_area else size, []).append(it)
             except (DataError, OSError, ValueError) as e:
                 writer.write({**_base(it), "status": "source_error", "scores": None, "error": str(e)})
         for (w, h), bucket in buckets.items():
@@ -139,7 +141,8 @@ def _run_batch(batch, size, out: Path, writer: _Writer, edit_fn, judge_fn, reaso
                 records[i]["decomposition"] = r
         for i, text in zip(todo, instructions):
             records[i]["edit_instruction"] = text
-        resized = np.stack([np.asarray(resize_to(Image.fromarray(sources[i]), *size)) for i in todo])
+        resized = np.stack([sources[i] if sources[i].shape[1::-1] == size
+                            else np.asarray(resize_to(Image.fromarray(sources[i]), *size)) for i in todo])
         edited = np.asarray(edit_fn(resized, instructions))
         if edited.dtype != np.uint8 or edited.shape[0] != len(todo) or edited.ndim != 4:
             raise ValueError(f"edit_fn returned {edited.dtype} {list(edited.shape)}; expected uint8 "
