@@ -47,7 +47,7 @@ layout_jit = jax.jit(layout, static_argnums=(1, 2, 3))
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.key(0))
+    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
 # --- identity at initialisation -----------------------------------------------------------------------
@@ -64,7 +64,8 @@ def test_fresh_focus_leaves_the_model_exactly_unchanged(params, xi):
     for mode, train in (("straight_through", False), ("straight_through", True), ("expected", True)):
         out = np.asarray(run(params, focus.replace(train_mode=mode, train=train), None, x))
         assert np.abs(out - ref).max() == 0.0, (mode, train)
-    assert np.abs(np.asarray(run(params, focus, lora, x)) - np.asarray(run(params, None, lora, x))).max() == 0.0
+    with_lora = np.asarray(run(params, focus.training(), lora, x))
+    assert np.abs(with_lora - np.asarray(run(params, None, lora, x))).max() == 0.0
     opened = with_params(focus, gate=jnp.full((2,), 0.5))
     assert np.abs(np.asarray(run(params, opened, None, x)) - ref).max() > 1e-3
 
@@ -124,7 +125,7 @@ def test_xi_beyond_valid_length_clips_the_window():
 
 def test_model_ignores_padding_with_an_open_focus(params):
     """End to end: padded text states cannot steer the window (expected mode: every start's probability counts)."""
-    focus = with_params(init_focus(CFG, FocusConfig(xi=2), jax.random.key(3)), gate=jnp.ones(2)).training()
+    focus = with_params(init_focus(CFG, FocusConfig(xi=3), jax.random.key(3)), gate=jnp.ones(2)).training()
     focus = focus.replace(train_mode="expected")
     x = model_inputs()
     noisy = x["encoder_hidden_states"] + 100.0 * (1 - x["encoder_hidden_states_mask"])[..., None]
@@ -149,7 +150,7 @@ def test_hard_mode_picks_the_argmax():
 
 def test_straight_through_forward_is_the_hard_forward(params):
     """Bit for bit: Dense GRPO's ratio is exactly 1 at theta = theta_old when rollouts run the hard focus."""
-    focus = with_params(init_focus(CFG, FocusConfig(xi=2), jax.random.key(4)), gate=jnp.full((2,), 0.7))
+    focus = with_params(init_focus(CFG, FocusConfig(xi=3), jax.random.key(4)), gate=jnp.full((2,), 0.7))
     x = model_inputs()
     hard = np.asarray(run(params, focus, None, x))
     np.testing.assert_array_equal(run(params, focus.training(), None, x), hard)
@@ -208,8 +209,10 @@ def test_model_gradients_reach_eta_and_soft_tokens(params):
     lora = init_lora(CFG, LoraConfig(rank=2), jax.random.key(7))
     lora = Lora(jax.tree.map(lambda a: a + 0.05, lora.params), lora.scale)
     for mode, leaves in (("expected", ("predictor", "soft_tokens")), ("straight_through", ("soft_tokens",))):
-        loss = jax.jit(lambda tr, mode=mode: jnp.sum(run(params, tr[1].replace(train_mode=mode).training(),
-                                                         tr[0], x) * weights))
+        def loss(trainable, mode=mode):  # not jitted itself: `run`'s compiled forwards are reused
+            lora, focus = trainable
+            return jnp.sum(run(params, focus.replace(train_mode=mode).training(), lora, x) * weights)
+
         grad_fn = jax.jit(jax.grad(loss))
         g_lora, g_focus = grad_fn((lora, focus))
         for path, g in jax.tree_util.tree_flatten_with_path(g_focus.params)[0]:
