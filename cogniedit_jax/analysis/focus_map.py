@@ -15,7 +15,8 @@ COND.npz (a cached condition, as the condition encoder writes it for one instruc
   valid); source_latents [S, in_channels] packed 2x2 patches with source_grid = (h, w), h * w = S
   (optional: without them the source image is random latents on --grid).
 The target latents are the source noised to --sigma (x = sigma * noise + (1 - sigma) * source), the input
-of an edit's first steps. --random-tiny needs no files: a tiny random model, random text states for the
+of an edit's first steps. Memory: besides the forward, one layer's attention probabilities of the target
+queries, [heads, target tokens, all tokens] in fp32, at a time. --random-tiny needs no files: a tiny random model, random text states for the
 whitespace-split --instruction and a freshly initialised focus (its windows are the untrained predictor's).
 """
 

@@ -118,12 +118,11 @@ def check_focus(cfg: MMDiTConfig, focus: Focus, where: str = "focus") -> None:
 
     if focus.train_mode not in TRAIN_MODES:
         raise ValueError(f"{where}: train_mode={focus.train_mode!r}, expected one of {TRAIN_MODES}")
-    flat = traverse_util.flatten_dict(focus.params, sep="/")
-    try:
-        xi, r = focus.params["soft_tokens"].shape[-2], focus.params["predictor"]["w2"].shape[-1]
-    except (KeyError, TypeError, IndexError):
-        xi = r = 0
-    check_tensors(expected_shapes(cfg, xi, r), {k: tuple(v.shape) for k, v in flat.items()},
+    found = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(focus.params, sep="/").items()}
+    # xi and the predictor width are the focus's own choice; the model fixes the rest.
+    xi = (found.get("soft_tokens") or (0, 0))[-2:][0]
+    width = (found.get("predictor/w2") or (0,))[-1]
+    check_tensors(expected_shapes(cfg, xi, width), found,
                   f"{where} (num_layers={cfg.num_layers}, inner_dim={cfg.inner_dim})")
 
 
