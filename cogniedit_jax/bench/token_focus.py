@@ -9,6 +9,9 @@ in turns (median of --repeats after --warmup, AOT-compiled executables):
 - forward: no focus vs the focus in inference mode (hard window), the acceptance figure (<= 5 %);
 - forward+backward w.r.t. LoRA (rank 16, attention projections) vs w.r.t. LoRA + focus in training mode
   (straight-through), loss = mean(out**2), default remat.
+Wall time and this process's CPU time are both reported. On cores shared with other processes, run XLA on
+one thread (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") and read the
+CPU-time figure: it then counts our work and not the time spent descheduled.
 
 Analytic focus FLOPs per block: predictor 2*B*L*d*r, window scores 2*B*L^2, replacement 2*B*L*xi*d (the
 hard window is applied as a one-hot matrix, so inference pays the same as training). Against ~24*B*T*d^2 +
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import jax
@@ -31,6 +35,18 @@ from cogniedit_jax.bench.mmdit import (OtherLoad, add_model_args, bench_config, 
 from cogniedit_jax.models.lora import DEFAULT_TARGETS, Lora, LoraConfig, init_lora
 from cogniedit_jax.models.mmdit import init_params, transformer_forward
 from cogniedit_jax.models.token_focus import FocusConfig, init_focus
+
+
+def _cpu_timed(fn):
+    """(fn recording this process's CPU seconds per call, that record). On shared cores, CPU time is what
+    other processes' load distorts least (wall time counts the time we are descheduled)."""
+    record = []
+
+    def timed():
+        t0 = time.process_time()
+        fn()
+        record.append(time.process_time() - t0)
+    return timed, record
 
 
 def focus_flops(cfg, batch: int, txt: int, xi: int, predictor_dim: int) -> float:
@@ -85,27 +101,34 @@ def main(argv=None) -> dict:
     for name, (fn, fn_args) in cases.items():
         compiled[name], compile_s[name] = compile_timed(fn, *fn_args)
         calls[name] = lambda c=compiled[name], a=fn_args: jax.block_until_ready(c(*a))
-    times = interleaved({k: calls[k] for k in ("forward", "forward + focus")}, args.repeats, args.warmup)
-    times.update(interleaved({k: calls[k] for k in ("fwd+bwd LoRA", "fwd+bwd LoRA + focus")},
-                             args.repeats, args.warmup))
+    times, cpu = {}, {}
+    for pair in (("forward", "forward + focus"), ("fwd+bwd LoRA", "fwd+bwd LoRA + focus")):
+        for name in pair:
+            calls[name], cpu[name] = _cpu_timed(calls[name])
+        times.update(interleaved({k: calls[k] for k in pair}, args.repeats, args.warmup))
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v[args.warmup:]) for k, v in cpu.items()}
     other_cores = other.cores()
 
     base = flops(cfg, args.batch, args.img, args.txt, args.rank, DEFAULT_TARGETS)["forward"]
     extra = focus_flops(cfg, args.batch, args.txt, args.xi, focus_cfg.predictor_dim)
-    overhead = {"forward": med["forward + focus"] / med["forward"] - 1,
-                "forward_backward": med["fwd+bwd LoRA + focus"] / med["fwd+bwd LoRA"] - 1}
+    overhead = {clock: {"forward": m["forward + focus"] / m["forward"] - 1,
+                        "forward_backward": m["fwd+bwd LoRA + focus"] / m["fwd+bwd LoRA"] - 1}
+                for clock, m in (("wall", med), ("cpu", cpu_med))}
     print(f"cpu: {cpu_name()}; jax {jax.__version__} on {jax.devices()[0].platform}")
     print(f"model: {cfg.num_layers} layers, inner dim {cfg.inner_dim}, batch {args.batch}, {args.img} image + "
           f"{args.txt} text tokens, xi {args.xi}, fp32; median of {args.repeats} after {args.warmup} warm-up")
     for name in cases:
-        print(f"  {name:<22} {med[name]:.4f} s  (min {min(times[name]):.4f}, max {max(times[name]):.4f}; "
-              f"compile {compile_s[name]:.1f} s)")
-    print(f"focus overhead: forward {100 * overhead['forward']:+.1f} %, forward+backward "
-          f"{100 * overhead['forward_backward']:+.1f} %; analytic FLOPs {100 * extra / base:.2f} % of the forward")
+        print(f"  {name:<22} wall {med[name]:.4f} s (min {min(times[name]):.4f}, max {max(times[name]):.4f}), "
+              f"cpu {cpu_med[name]:.4f} s; compile {compile_s[name]:.1f} s")
+    for clock, o in overhead.items():
+        print(f"focus overhead ({clock} time): forward {100 * o['forward']:+.1f} %, forward+backward "
+              f"{100 * o['forward_backward']:+.1f} %")
+    print(f"analytic focus FLOPs: {100 * extra / base:.2f} % of the forward")
     if other_cores is not None:
         print(f"other processes used {other_cores:.2f} cores on average during the run")
-    result = {"config": vars(args) | {"json": None}, "seconds": med, "times": times, "overhead": overhead,
+    result = {"config": vars(args) | {"json": None}, "seconds": med, "cpu_seconds": cpu_med, "times": times,
+              "overhead": overhead,
               "flops": {"forward": base, "focus": extra}, "compile_s": compile_s,
               "other_processes_cores": other_cores}
     if args.json:
