@@ -6,6 +6,10 @@ latents [B, z_dim, H/8, W/8] (diffusers' [B, z, 1, h, w] with the frame axis dro
 
 Precision: activations and convolutions in `cfg.dtype`; RMS-norm statistics and the attention softmax in
 fp32, as diffusers does for bf16.
+
+Memory: with `cfg.use_tiling` large images run as diffusers' overlapping tiles, one tile at a time; the
+mid-block's single-head attention over all latent positions takes its queries `cfg.attention_query_chunk`
+at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from cogniedit_jax.models.config import at_least_f32
 from cogniedit_jax.models.loading import CONFIG_NAME, PARAMS_NAME, check_tensors
 from cogniedit_jax.models.vae_mapping import (VAE_FOLDER, VAEConfig, decoder_blocks, encoder_layers,
                                               param_tensors)
@@ -42,10 +47,10 @@ def _conv(p, x, stride: int = 1, padding=None):
 
 
 def _rms_norm(p, x):
-    """diffusers' `F.normalize(x, dim=channels) * sqrt(dim) * gamma` with the statistics in fp32."""
-    x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-    normalized = (x32 / jnp.maximum(norm, _NORM_EPS)).astype(x.dtype)
+    """diffusers' `F.normalize(x, dim=channels) * sqrt(dim) * gamma` with the statistics in (at least) fp32."""
+    wide = x.astype(at_least_f32(x))
+    norm = jnp.sqrt(jnp.sum(jnp.square(wide), axis=-1, keepdims=True))
+    normalized = (wide / jnp.maximum(norm, _NORM_EPS)).astype(x.dtype)
     return normalized * math.sqrt(x.shape[-1]) * p["scale"].astype(x.dtype)
 
 
