@@ -22,7 +22,6 @@ from cogniedit_jax.sampling.edit_loop import (
     edit_latents,
     edit_layout,
     pack_latents,
-    unpack_latents,
 )
 from cogniedit_jax.sampling.schedule import SchedulerConfig, make_schedule
 
@@ -36,10 +35,8 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
     from cogniedit_jax.models.token_focus import WEIGHT_NAME as FOCUS_FILE
     from cogniedit_jax.models.token_focus import load_focus
     from cogniedit_jax.models.vae import (
-        denormalize_latents,
         load_vae,
         normalize_latents,
-        vae_decode,
         vae_encode,
     )
     from cogniedit_jax.train import load_editor
@@ -51,7 +48,6 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     editor = load_editor(config, mesh)
     vae_cfg, vae_params = load_vae(config.model.path, dtype=config.model.dtype, use_tiling=True)
-    vae_dtype = jnp.dtype(vae_cfg.dtype)
     lora = load_diffusers_lora(lora_dir, editor.cfg) if lora_dir else None
     focus = None
     if lora_dir and (Path(lora_dir) / FOCUS_FILE).is_file():  # the trainer exports both into one folder
@@ -65,7 +61,7 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
         embeds, mask = client.encode(list(images), list(instructions))
         neg, neg_mask = client.encode(list(images), [NEGATIVE_PROMPT] * b)
         pixels = jnp.asarray(images, jnp.float32).transpose(0, 3, 1, 2) / 127.5 - 1
-        source = pack_latents(normalize_latents(vae_cfg, vae_encode(vae_cfg, vae_params, pixels.astype(vae_dtype))))
+        source = pack_latents(normalize_latents(vae_cfg, vae_encode(vae_cfg, vae_params, pixels.astype(vae_cfg.compute_dtype))))
         tokens = source.shape[1]
         sigmas, _ = make_schedule(SchedulerConfig(), steps, tokens)
         # Each row's noise depends on (seed, its source pixels, its instruction) only: batching, bucket order and
@@ -77,10 +73,6 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
                              jnp.asarray(neg), jnp.asarray(neg_mask))
         latents = run(editor.params, noise, cond, jnp.asarray(sigmas), layout=edit_layout(hw, [hw]),
                       cfg_scale=config.policy.cfg_scale, lora=lora, focus=focus)
-        # Decoded here rather than by the trainer's `Editor.decode`, whose cast reads a VAEConfig field
-        # (compute_dtype) that does not exist.
-        images = vae_decode(vae_cfg, vae_params, denormalize_latents(vae_cfg, unpack_latents(latents, *hw))
-                            .astype(vae_dtype))
-        return np.asarray(jnp.round((images.astype(jnp.float32) + 1) * 127.5)).astype(np.uint8).transpose(0, 2, 3, 1)
+        return np.asarray(editor.decode(np.asarray(latents), hw))
 
     return edit
