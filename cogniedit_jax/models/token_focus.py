@@ -42,7 +42,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cogniedit_jax.models.config import MMDiTConfig
+from cogniedit_jax.models.config import MMDiTConfig, at_least_f32
 
 TRAIN_MODES = ("straight_through", "expected")
 MODES = ("hard",) + TRAIN_MODES
@@ -154,9 +154,9 @@ def layout(mask, batch: int, txt_len: int, xi: int) -> Layout:
 
 
 def start_logits(layer, txt, lay: Layout):
-    """p_eta: window-start logits [B, L] in fp32 (-inf where no window may start)."""
+    """p_eta: window-start logits [B, L] in (at least) fp32 (-inf where no window may start)."""
     p = layer["predictor"]
-    h = jax.nn.standardize(txt.astype(jnp.float32), axis=-1, epsilon=1e-6)
+    h = jax.nn.standardize(txt.astype(at_least_f32(txt)), axis=-1, epsilon=1e-6)
     hidden = jax.nn.gelu(jnp.einsum("bld,dr->blr", h, p["w1"]) + p["b1"], approximate=True)
     token_scores = jnp.einsum("blr,r->bl", hidden, p["w2"])
     return jnp.where(lay.start_ok, jnp.einsum("bpj,bj->bp", lay.window_mean, token_scores), -jnp.inf)
@@ -184,7 +184,7 @@ def relocate(layer, txt, lay: Layout, mode: str):
     """
     q, probs, start = start_weights(start_logits(layer, txt, lay), mode)
     w = jnp.where(lay.covers, jax.vmap(lambda qb, ib: qb[ib])(q, lay.source), 0.0)  # [B, L, xi]
-    h = txt.astype(jnp.float32)
+    h = txt.astype(at_least_f32(txt))
     delta = jnp.einsum("bjk,kd->bjd", w, layer["soft_tokens"]) - w.sum(-1, keepdims=True) * h
     out = txt + (layer["gate"] * delta).astype(txt.dtype)
     return out, {"start": start, "width": lay.width, "probs": probs}
