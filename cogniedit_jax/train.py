@@ -71,7 +71,7 @@ class Editor:
 
 def latent_preview(packed, hw, scale: int = 8):
     """A VAE-free picture of packed latents: the first 3 latent channels through tanh, upscaled `scale`x."""
-    latents = np.asarray(unpack_latents(np.asarray(packed, np.float32), *hw))[:, :3]
+    latents = np.nan_to_num(np.asarray(unpack_latents(np.asarray(packed, np.float32), *hw))[:, :3])
     rgb = np.round(127.5 * (np.tanh(latents) + 1)).astype(np.uint8).transpose(0, 2, 3, 1)
     return rgb.repeat(scale, 1).repeat(scale, 2)
 

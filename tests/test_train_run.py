@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,28 @@ def test_judge_failures_mark_samples_invalid(tmp_path):
     assert rows[0]["reward_mean"] == pytest.approx(12.5)
 
 
+def judge_then_sigterm(config):
+    """Scores like a judge, and at the second call the process gets SIGTERM (a preempted job)."""
+    calls = []
+
+    def judge(edited, sources, instructions):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return np.arange(len(edited), dtype=np.float32), np.ones(len(edited), bool)
+
+    return judge
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    result = run(tmp_path, "judge.source=tests.test_train_run:judge_then_sigterm", "log.grid_every=0",
+                 "checkpoint.every=100")
+    assert result["interrupted"] == "SIGTERM" and result["step"] == 2  # the step in flight is finished
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed again
+
+
 SHARDED = """
 import json, sys
 from cogniedit_jax.config import load_config
@@ -200,6 +223,7 @@ def test_eight_device_mesh_equals_one_device(full, tmp_path):
     sharded, single = read_metrics(tmp_path), read_metrics(workdir)[:2]
     assert [r["step"] for r in sharded] == [1, 2]
     for a, b in zip(sharded, single):
+        print({k: (a[k], b[k]) for k in ("reward_mean", "grad_norm", "loss")})
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-3)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
