@@ -109,6 +109,19 @@ def gather_hosts(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
+def gather_texts(texts: list[str]) -> list[str]:
+    """Each process's strings concatenated in process order (UTF-8 bytes through a padded uint8 array)."""
+    if jax.process_count() == 1:
+        return list(texts)
+    raw = [t.encode() for t in texts]
+    width = int(np.max(gather_hosts(np.array([max(map(len, raw), default=0)]))))
+    padded = np.zeros((len(raw), max(width, 1)), np.uint8)
+    for i, b in enumerate(raw):
+        padded[i, : len(b)] = np.frombuffer(b, np.uint8)
+    lengths, rows = gather_hosts((np.array([len(b) for b in raw]), padded))
+    return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
+
+
 def local_rows(array: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, rows) of a global array's axis 0 held by this process's devices, in row order."""
     if jax.process_count() == 1:

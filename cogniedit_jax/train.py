@@ -138,39 +138,21 @@ def load_editor(config, mesh) -> Editor:
 # and has state_dict() / load_state_dict() (JSON-able) for exact resumption.
 
 
-class RandomConditions:
-    """Random text states, masks and source latents, a pure function of (seed, step): for tests and smoke
-    runs. The source picture is the editor's decode of the source latents."""
+class StepConditions:
+    """Base of sources whose global batch is a pure function of (seed, step): subclasses define
+    `global_batch(step)`; this host gets its rows, and the state is the step. (Plugins may subclass it.)"""
 
     def __init__(self, config, editor: Editor, process_index: int = 0, process_count: int = 1):
-        d = config.data
-        self.seed, self.batch, self.hw, self.text_len = (
-            config.seed,
-            d.batch_size,
-            tuple(d.latent_hw),
-            d.text_len,
-        )
-        self.negative, self.editor, self.step = d.negative_prompt, editor, 0
-        self.rows = slice(
-            process_index * self.batch // process_count, (process_index + 1) * self.batch // process_count
-        )
+        self.config, self.editor, self.seed, self.step = config, editor, config.seed, 0
+        batch = config.data.batch_size
+        self.rows = slice(process_index * batch // process_count,
+                          (process_index + 1) * batch // process_count)
+
+    def global_batch(self, step: int) -> dict:
+        raise NotImplementedError
 
     def batch_at(self, step: int) -> dict:
-        rng = np.random.default_rng([self.seed, step])
-        cfg, (h, w), b, length = self.editor.cfg, self.hw, self.batch, self.text_len
-        embeds = rng.standard_normal((b, length, cfg.joint_attention_dim), np.float32)
-        mask = (np.arange(length) < rng.integers(1, length + 1, (b, 1))).astype(np.int32)
-        source = rng.standard_normal((b, (h // 2) * (w // 2), cfg.in_channels), np.float32)
-        neg = (rng.standard_normal((b, 2, cfg.joint_attention_dim), np.float32), np.ones((b, 2), np.int32))
-        cond = EditCondition(embeds, mask, source, *(neg if self.negative else (None, None)))
-        batch = {
-            "cond": cond,
-            "layout": edit_layout((h, w), [(h, w)]),
-            "sources": self.editor.decode(source, (h, w)),
-            "instructions": [f"random edit {step}.{i}" for i in range(b)],
-            "valid": np.ones(b, bool),
-        }
-        return _host_rows(batch, self.rows)
+        return _host_rows(self.global_batch(step), self.rows)
 
     def __iter__(self):
         while True:
@@ -183,6 +165,27 @@ class RandomConditions:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+class RandomConditions(StepConditions):
+    """Random text states, masks and source latents: for tests and smoke runs. The source picture is the
+    editor's decode of the source latents."""
+
+    def global_batch(self, step: int) -> dict:
+        d, cfg = self.config.data, self.editor.cfg
+        rng = np.random.default_rng([self.seed, step])
+        (h, w), b, length = tuple(d.latent_hw), d.batch_size, d.text_len
+        embeds = rng.standard_normal((b, length, cfg.joint_attention_dim), np.float32)
+        mask = (np.arange(length) < rng.integers(1, length + 1, (b, 1))).astype(np.int32)
+        source = rng.standard_normal((b, (h // 2) * (w // 2), cfg.in_channels), np.float32)
+        neg = (rng.standard_normal((b, 2, cfg.joint_attention_dim), np.float32), np.ones((b, 2), np.int32))
+        return {
+            "cond": EditCondition(embeds, mask, source, *(neg if d.negative_prompt else (None, None))),
+            "layout": edit_layout((h, w), [(h, w)]),
+            "sources": self.editor.decode(source, (h, w)),
+            "instructions": [f"random edit {step}.{i}" for i in range(b)],
+            "valid": np.ones(b, bool),
+        }
 
 
 def _host_rows(batch: dict, rows: slice) -> dict:
@@ -476,6 +479,12 @@ def _judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw
     return all_rewards, all_valid, images
 
 
+def _gather_batch(batch: dict) -> dict:
+    """The global batch on every process from each one's rows (the layout is one bucket's, shared)."""
+    arrays = parallel.gather_hosts({k: batch[k] for k in ("cond", "sources", "valid")})
+    return {**batch, **arrays, "instructions": parallel.gather_texts(batch["instructions"])}
+
+
 def train(config, workdir) -> dict:
     """Run (or resume) the training described by `config` in `workdir`; returns the last step's metrics."""
     config_lib.validate(config)
@@ -535,7 +544,7 @@ def train(config, workdir) -> dict:
     try:
         with stop.installed():
             while step < end and stop.received is None:
-                batch = parallel.gather_hosts(next(batches))
+                batch = _gather_batch(next(batches))
                 target_hw = (batch["layout"][0][1] * 2, batch["layout"][0][2] * 2)
                 policy = PolicyConfig(
                     editor.cfg,
@@ -687,7 +696,12 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # orbax imports absl, whose handler on the root logger makes basicConfig a no-op: give ours its own.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         spec, workdir, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         config = config_lib.load_config(spec, overrides)

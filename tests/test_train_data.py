@@ -13,8 +13,8 @@ from cogniedit_jax.config import load_config
 from cogniedit_jax.models import MMDiTConfig
 from cogniedit_jax.train import CachedConditions, Editor, RandomConditions, latent_preview
 
-MODEL = MMDiTConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-                    joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+MODEL = MMDiTConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
 EDITOR = Editor(MODEL, None, latent_preview)
 
 
@@ -36,7 +36,8 @@ def write_cache(tmp_path, n=6, missing=("item3",)):
 
 def cache_config(tmp_path):
     return load_config("configs/tiny.py", [
-        "data.source=cache", f"data.manifest={tmp_path / 'train.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.source=cache", f"data.manifest={tmp_path / 'train.jsonl'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
         "data.max_text_len=16", f"data.target_area={64 * 64}", "data.num_threads=1", "data.batch_size=3"])
 
 

@@ -133,8 +133,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(full, tmp_path):
 class NaNConditions(RandomConditions):
     """Conditions whose text states are NaN from step 1 on: every update there is non-finite."""
 
-    def batch_at(self, step):
-        batch = super().batch_at(step)
+    def global_batch(self, step):
+        batch = super().global_batch(step)
         if step >= 1:
             batch["cond"] = batch["cond"].replace(prompt_embeds=batch["cond"].prompt_embeds * np.nan)
         return batch
