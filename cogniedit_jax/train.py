@@ -409,7 +409,8 @@ def rollout_step(mesh, policy, frozen, trainable, cond, sigmas, key, group_size)
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
 def update_step(optim: OptimSpec, loss_cfg, trainable, opt_state, frozen, rollout):
-    """One optimizer update; a non-finite loss or gradient leaves trainable and optimizer state unchanged."""
+    """One optimizer update; a non-finite loss or gradient (or no valid sample) leaves trainable and optimizer
+    state unchanged."""
 
     def loss_of(t):
         return dense_grpo_loss(_training_mode(t), frozen, rollout, loss_cfg)
@@ -419,7 +420,10 @@ def update_step(optim: OptimSpec, loss_cfg, trainable, opt_state, frozen, rollou
     updates, new_opt = optim.build().update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    # Without a single valid sample (the judge was down) there is nothing to learn: no step either, or Adam's
+    # momentum and weight decay would still move the params.
+    apply = finite & jnp.any(rollout.valid)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(apply, new, old))
     lr = new_opt[1].hyperparams["learning_rate"]
     return (
         keep(new_trainable, trainable),

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
@@ -163,12 +165,15 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
 
 def test_judge_failures_mark_samples_invalid(tmp_path):
     # stop_after (not total_steps) keeps the lr schedule, so the compiled update is reused.
-    result = run(
-        tmp_path, "judge.source=tests.test_train_run:flaky_judge", "stop_after=2", "log.grid_every=0"
-    )
+    result = run(tmp_path, "judge.source=tests.test_train_run:flaky_judge", "stop_after=2",
+                 "log.grid_every=0", "checkpoint.every=1")
     rows = read_metrics(tmp_path)
     assert [r["invalid_rewards"] for r in rows] == [0, 8] and result["invalid_rewards"] == 8
     assert rows[1]["loss"] == 0 and rows[1]["grad_norm"] == 0  # nothing to learn from, and no NaN either
+    # ... and no step: Adam's momentum alone would have moved the params.
+    saved = [ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / s / "arrays")["trainable"]
+             for s in ("1", "2")]
+    assert jax.tree.all(jax.tree.map(np.array_equal, *saved))
     assert rows[0]["reward_mean"] == pytest.approx(12.5)
 
 
