@@ -123,3 +123,15 @@ def test_fsdp_shards_the_largest_divisible_axis_but_never_the_layer_axis():
     with pytest.raises(ValueError, match="2 x mesh.fsdp=2 = 4, but there are 8 devices"):
         parallel.mesh_shape(2, 2, 8)
     assert parallel.mesh_shape(2, -1, 8) == (2, 4)
+
+
+def test_cli_refuses_a_bad_override_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cogniedit_jax.train", "--config", "configs/tiny.py",
+                           "--workdir", str(tmp_path), "--config.lora.rnk=3", "--config.policy.k=99"],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "error: --config.lora.rnk: no such field (fields here: alpha, rank, targets)" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing was started

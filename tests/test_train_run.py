@@ -233,3 +233,13 @@ def test_eight_device_mesh_equals_one_device(full, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert abs(a["ratio_first"] - 1) < 1e-5
+
+
+@pytest.mark.slow  # another optimizer spec: the update compiles again
+def test_several_updates_per_rollout(tmp_path):
+    result = run(tmp_path, "updates_per_rollout=3", "total_steps=2", "log.grid_every=0")
+    rows = read_metrics(tmp_path)
+    assert result["step"] == 2 and all(abs(r["ratio_first"] - 1) < 1e-5 for r in rows)
+    # 6 updates, warm-up int(0.1 * 6) = 0: the last one (index 5) uses lr * (1 + cos(pi * 5 / 6)) / 2.
+    assert rows[-1]["lr"] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 5 / 6)) / 2, rel=1e-5)
+    assert (tmp_path / EXPORT_FOLDER / WEIGHT_NAME).is_file()
