@@ -266,7 +266,8 @@ class CachedConditions:
                 else (None, None)
             )
             cond = EditCondition(ex["prompt_embeds"], ex["mask"], ex["source_latents"], *neg)
-            instructions = [e["answer"] if e else t for e, t in zip(ex["enhanced"], ex["instruction"])]
+            # The judge scores against the decomposed instruction c_b where there is one (Alg. 1, line 11).
+            instructions = [e.answer if e else t for e, t in zip(ex["enhanced"], ex["instruction"])]
             yield {
                 "cond": cond,
                 "layout": edit_layout(target, [grid]),

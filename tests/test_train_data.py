@@ -24,7 +24,10 @@ def write_cache(tmp_path, n=6, missing=("item3",)):
     (tmp_path / "cache").mkdir()
     for i in range(n):
         Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / f"item{i}.png")
-        lines.append(json.dumps({"id": f"item{i}", "source": f"item{i}.png", "instruction": f"edit {i}"}))
+        line = {"id": f"item{i}", "source": f"item{i}.png", "instruction": f"edit {i}"}
+        if i == 0:
+            line["enhanced"] = {"info": "i", "think": "t", "answer": "enhanced 0", "object": "o"}
+        lines.append(json.dumps(line))
         if f"item{i}" not in missing:
             np.savez(tmp_path / "cache" / f"item{i}.npz", prompt_embeds=np.full((3 + i, 24), i, np.float32),
                      mask=np.ones(3 + i, np.int64), source_latents=np.zeros((16, 16), np.float32),
@@ -55,6 +58,8 @@ def test_cache_source_batches_and_resumes(tmp_path):
     for row, length in zip(cond.prompt_embeds, cond.prompt_mask.sum(1)):  # item i: 3 + i tokens of value i
         assert (row[:length] == length - 3).all() and (row[length:] == 0).all()
     seen = [first] + [next(batches) for _ in range(3)]
+    epoch = {t for b in seen[:2] for t in b["instructions"]}
+    assert "enhanced 0" in epoch and "edit 0" not in epoch  # the judge reads the decomposed instruction
     invalid = sum(int((~b["valid"]).sum()) for b in seen)
     assert invalid == 2  # item3 is in one batch per epoch, 2 epochs
     assert source.loader.skips.counts["no_cache"] == 2
