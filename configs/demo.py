@@ -32,7 +32,8 @@ def get_config(arg=None):
     c.data = dict(source="cogniedit_jax.demo.plugin:conditions", batch_size=4, enhanced=False, combine_p=0.2,
                   latent_hw=(0, 0), text_len=0, negative_prompt=False, manifest="", cache_dir="",
                   max_text_len=0, target_area=0, num_threads=0, vae_scale=1)
-    c.judge = dict(source="rule", rule="cogniedit_jax.data.shapes:shapes", normalization="sum", sidecar=dict())
+    c.judge = dict(source="rule", rule="cogniedit_jax.data.shapes:shapes", normalization="sum",
+                   sidecar=dict())
     c.optim = dict(lr=1e-3, warmup_frac=0.1, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
     c.mesh = dict(data=1, fsdp=-1)
     c.checkpoint = dict(every=50, keep=1)

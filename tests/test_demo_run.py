@@ -15,8 +15,8 @@ def test_demo_run_smoke(tmp_path):
     for side in ("before", "after"):
         assert summary[side]["num"] == 4 and 3 <= summary[side]["reward_mean"] <= 15
     assert summary["train"]["step"] == 2
-    assert summary["relative_change"] == pytest.approx(
-        (summary["after"]["reward_mean"] - summary["before"]["reward_mean"]) / summary["before"]["reward_mean"])
+    before, after = summary["before"]["reward_mean"], summary["after"]["reward_mean"]
+    assert summary["relative_change"] == pytest.approx((after - before) / before)
     for name in ("reward_curve.png", "before_after.png", "export/pytorch_lora_weights.safetensors",
                  "export/focus.safetensors"):
         assert (tmp_path / name).is_file(), name

@@ -2,7 +2,8 @@
 the exact target of each edit, a rule judge that reads images by pixel analysis, and a rule decomposer.
 
 A scene is a tuple of 9 cells (row-major, top left first), each empty (None) or a `(shape, colour)` pair; it
-renders to a 24x24 RGB image, one 8x8 tile per cell (small enough for a CPU to learn to edit in minutes). Instructions come from a closed grammar, as text, and
+renders to a 24x24 RGB image, one 8x8 tile per cell (small enough for a CPU to learn to edit in minutes).
+Instructions come from a closed grammar, as text, and
 `parse_instruction` reads them back, so the judge needs nothing but the images and the instruction text:
 
     make the square on the left purple       move the red circle to the bottom right
@@ -35,7 +36,8 @@ CELL_NAMES = ("top left", "top center", "top right", "middle left", "center", "m
               "bottom left", "bottom center", "bottom right")
 # Regions of several cells, with the phrase that places something in them.
 REGIONS = {"left": (0, 3, 6), "right": (2, 5, 8), "top": (0, 1, 2), "bottom": (6, 7, 8)}
-REGION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+REGION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
+                  "bottom": "at the bottom"}
 NUMBERS = {"one": 1, "two": 2, "three": 3}
 ATTRIBUTES = ("colour", "position", "quantity")
 
@@ -274,8 +276,8 @@ def parse_instruction(text: str) -> tuple[Edit, ...]:
 
 def vocabulary() -> tuple[str, ...]:
     """Every word the grammar can produce, in a fixed order (the demo editor's text vocabulary)."""
-    words = ["make", "move", "add", "remove", "the", "all", "a", "one", "two", "three", "and", "to", "on", "at",
-             "in", "shape", "shapes", *SHAPES, *(s + "s" for s in SHAPES), *COLOURS]
+    words = ["make", "move", "add", "remove", "the", "all", "a", "one", "two", "three", "and", "to", "on",
+             "at", "in", "shape", "shapes", *SHAPES, *(s + "s" for s in SHAPES), *COLOURS]
     words += [w for name in CELL_NAMES + tuple(REGIONS) for w in name.split()]
     return tuple(dict.fromkeys(words))
 
@@ -317,9 +319,10 @@ def _random_clause(rng: np.random.Generator, scene: Scene) -> Edit | None:
     colours = list(COLOURS)
     if kind == "add":
         place = rng.choice([None, *REGIONS, *CELL_NAMES], p=[0.2] + [0.15] * 4 + [0.2 / 9] * 9)
-        what = Selector(str(rng.choice(SHAPES)), str(rng.choice(colours)), None if place is None else str(place))
+        place = None if place is None else str(place)
+        what = Selector(str(rng.choice(SHAPES)), str(rng.choice(colours)), place)
         room = sum(scene[c] is None for c in what.cells())
-        count = "one" if what.place in CELL_NAMES else str(rng.choice(["one", "two", "three"], p=[0.4, 0.4, 0.2]))
+        count = "one" if place in CELL_NAMES else str(rng.choice(["one", "two", "three"], p=[0.4, 0.4, 0.2]))
         return Edit("add", what, count) if room >= NUMBERS[count] else None
     if not occupied:
         return None
@@ -347,7 +350,7 @@ def _random_clause(rng: np.random.Generator, scene: Scene) -> Edit | None:
 
 
 def random_example(rng: np.random.Generator, combine_p: float = 0.2) -> Example:
-    """A scene and an instruction of one clause, or (with probability combine_p) two, that it can carry out."""
+    """A scene and an instruction it can carry out: one clause, or two with probability combine_p."""
     while True:
         scene = random_scene(rng)
         edits = []
@@ -509,7 +512,8 @@ class RuleDecomposer:
 
     def decompose(self, items: list[dict]) -> list[dict]:
         texts = [decompose(it["image"], it["instruction"]) for it in items]
-        return [{**parse_decomposition(t, it["instruction"]).to_json(), "text": t} for t, it in zip(texts, items)]
+        return [{**parse_decomposition(t, it["instruction"]).to_json(), "text": t}
+                for t, it in zip(texts, items)]
 
 
 def _register() -> None:

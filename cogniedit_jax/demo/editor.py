@@ -31,7 +31,13 @@ from safetensors.numpy import load_file, save_file
 from cogniedit_jax.data import shapes
 from cogniedit_jax.models import MMDiTConfig, load_transformer
 from cogniedit_jax.models.loading import CONFIG_NAME, PARAMS_NAME
-from cogniedit_jax.sampling.edit_loop import EditCondition, edit_latents, edit_layout, pack_latents, unpack_latents
+from cogniedit_jax.sampling.edit_loop import (
+    EditCondition,
+    edit_latents,
+    edit_layout,
+    pack_latents,
+    unpack_latents,
+)
 from cogniedit_jax.sampling.schedule import SchedulerConfig, make_schedule
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -109,6 +115,9 @@ def model_config(fold: int, image_channels: int = 3, **arch) -> MMDiTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DemoEditor:
+    """The frozen demo model: MMDiT (cfg, params), text encoder (text_cfg, text_params), the pixel latents'
+    fold and image size, and `meta` (the pretraining recipe and its held-out measurements)."""
+
     cfg: MMDiTConfig
     params: dict
     text_cfg: TextConfig
@@ -157,9 +166,9 @@ def save_editor(editor: DemoEditor, out) -> Path:
     save_file({k: np.asarray(v, np.float32) for k, v in flat.items()}, str(out / "transformer" / PARAMS_NAME))
     editor.cfg.replace(remat_policy="full").to_json(out / "transformer" / CONFIG_NAME)
     save_file({k: np.asarray(v, np.float32) for k, v in editor.text_params.items()}, str(out / TEXT_NAME))
-    meta = {"image_size": editor.image_size, "fold": editor.fold, "text": {"max_len": editor.text_cfg.max_len,
-                                                      "dim": editor.text_cfg.dim,
-                                                      "vocab": list(editor.text_cfg.vocab)},
+    tc = editor.text_cfg
+    text = {"max_len": tc.max_len, "dim": tc.dim, "vocab": list(tc.vocab)}
+    meta = {"image_size": editor.image_size, "fold": editor.fold, "text": text,
             **{k: v for k, v in editor.meta.items() if k not in ("image_size", "fold", "text")}}
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -174,7 +183,8 @@ def _load_cached(path: str, remat_policy: str) -> DemoEditor:
     meta = json.loads((folder / META_NAME).read_text())
     text_cfg = TextConfig(tuple(meta["text"]["vocab"]), meta["text"]["max_len"], meta["text"]["dim"])
     text_params = {k: jnp.asarray(v) for k, v in load_file(str(folder / TEXT_NAME)).items()}
-    expected = {"embedding": (len(text_cfg.vocab) + 1, text_cfg.dim), "position": (text_cfg.max_len, text_cfg.dim)}
+    expected = {"embedding": (len(text_cfg.vocab) + 1, text_cfg.dim),
+                "position": (text_cfg.max_len, text_cfg.dim)}
     found = {k: tuple(v.shape) for k, v in text_params.items()}
     if found != expected:
         raise ValueError(f"{folder / TEXT_NAME}: tensors {found}, expected {expected} from {META_NAME}")

@@ -1,5 +1,5 @@
-"""Judging the demo editor on held-out shapes edits: rewards (R = A + Co + Cs, 3-15), exact edits per attribute,
-and image grids."""
+"""Judging the demo editor on held-out shapes edits: rewards (R = A + Co + Cs, 3-15), exact edits per
+attribute, and image grids."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ def enhanced_instruction(example: shapes.Example, max_words: int) -> str:
 
 
 def judge_images(images, examples: list[shapes.Example]) -> list[dict]:
-    """The shapes judge's scores of each edited image against its example's source and original instruction."""
-    return [shapes.score_edit(img, shapes.render(ex.source), ex.instruction) for img, ex in zip(images, examples)]
+    """The shapes judge's scores of each edited image against its example's source and original
+    instruction."""
+    return [shapes.score_edit(img, shapes.render(ex.source), ex.instruction)
+            for img, ex in zip(images, examples)]
 
 
 def summarize(scores: list[dict]) -> dict:

@@ -3,9 +3,10 @@
     python -m cogniedit_jax.demo.pretrain --config configs/demo_pretrain.py --out DIR [--config.train.steps=N]
 
 Each step draws fresh (source, instruction, target) examples; half the instructions are replaced by the rule
-decomposer's explicit form, so the editor reads both. The loss is the pipeline's flow matching: sigma = t ~ U(0,
-1), x_t = (1 - t) x0 + t noise, the model predicts noise - x0 from [x_t, source] tokens and the text. The
-MMDiT starts adaLN-zero (modulation and output projection zero): every block starts as the identity.
+decomposer's explicit form, so the editor reads both. The loss is the pipeline's flow matching:
+sigma = t ~ U(0, 1), x_t = (1 - t) x0 + t noise, the model predicts noise - x0 from [x_t, source] tokens and
+the text. The MMDiT starts adaLN-zero (modulation and output projection zero): every block starts as the
+identity.
 Writes the editor (`editor.save_editor`) to DIR, DIR/pretrain.json (losses, timings, held-out judge) and
 DIR/heldout.png (source | target | edit).
 """
