@@ -16,8 +16,9 @@ COND.npz (a cached condition, as the condition encoder writes it for one instruc
   (optional: without them the source image is random latents on --grid).
 The target latents are the source noised to --sigma (x = sigma * noise + (1 - sigma) * source), the input
 of an edit's first steps. Memory: besides the forward, one layer's attention probabilities of the target
-queries, [heads, target tokens, all tokens] in fp32, at a time. --random-tiny needs no files: a tiny random model, random text states for the
-whitespace-split --instruction and a freshly initialised focus (its windows are the untrained predictor's).
+queries, [heads, target tokens, all tokens] in fp32, at a time. --random-tiny needs no files: a tiny random
+model, random text states for the whitespace-split --instruction and a freshly initialised focus (its
+windows are the untrained predictor's).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _load_condition(path: Path, cfg: MMDiTConfig):
     mask = data.get("mask", np.ones(length)).reshape(1, -1).astype(np.int32)
     tokens = [str(t) for t in data["tokens"].reshape(-1)]
     if mask.shape[1] != length or len(tokens) != length:
-        raise ValueError(f"{path}: prompt_embeds has {length} positions, mask {mask.shape[1]}, tokens {len(tokens)}")
+        raise ValueError(f"{path}: prompt_embeds has {length} positions, mask {mask.shape[1]}, "
+                         f"tokens {len(tokens)}")
     source = data.get("source_latents")
     if source is None:
         return embeds, mask, tokens, None, None
@@ -183,8 +185,10 @@ def main(argv=None) -> dict:
 
     grid, source = tuple(args.grid), None
     if args.random_tiny:
-        k_params, k_text, k_focus = jax.random.split(jax.random.key(args.seed), 3)
-        cfg, params = TINY, jax.jit(init_params, static_argnums=0)(TINY, k_params)  # one compile, not one per tensor
+        k_text, k_focus = jax.random.split(jax.random.key(args.seed))
+        # One compile rather than one per tensor, with the PRNG that compiles fastest (the weights are noise).
+        cfg = TINY
+        params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(args.seed, impl="unsafe_rbg"))
         tokens = args.instruction.split()
         embeds = jax.random.normal(k_text, (1, len(tokens), cfg.joint_attention_dim))
         mask = np.ones((1, len(tokens)), np.int32)

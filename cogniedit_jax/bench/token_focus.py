@@ -30,8 +30,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from cogniedit_jax.bench.mmdit import (OtherLoad, add_model_args, bench_config, compile_timed, cpu_name, flops,
-                                       image_layout, interleaved)
+from cogniedit_jax.bench.mmdit import (
+    OtherLoad,
+    add_model_args,
+    bench_config,
+    compile_timed,
+    cpu_name,
+    flops,
+    image_layout,
+    interleaved,
+)
 from cogniedit_jax.models.lora import DEFAULT_TARGETS, Lora, LoraConfig, init_lora
 from cogniedit_jax.models.mmdit import init_params, transformer_forward
 from cogniedit_jax.models.token_focus import FocusConfig, init_focus
@@ -116,10 +124,12 @@ def main(argv=None) -> dict:
                         "forward_backward": m["fwd+bwd LoRA + focus"] / m["fwd+bwd LoRA"] - 1}
                 for clock, m in (("wall", med), ("cpu", cpu_med))}
     print(f"cpu: {cpu_name()}; jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"model: {cfg.num_layers} layers, inner dim {cfg.inner_dim}, batch {args.batch}, {args.img} image + "
+    print(f"model: {cfg.num_layers} layers, inner dim {cfg.inner_dim}, batch {args.batch}, {args.img} image "
+          f"+ "
           f"{args.txt} text tokens, xi {args.xi}, fp32; median of {args.repeats} after {args.warmup} warm-up")
     for name in cases:
-        print(f"  {name:<22} wall {med[name]:.4f} s (min {min(times[name]):.4f}, max {max(times[name]):.4f}), "
+        print(f"  {name:<22} wall {med[name]:.4f} s (min {min(times[name]):.4f}, "
+              f"max {max(times[name]):.4f}), "
               f"cpu {cpu_med[name]:.4f} s; compile {compile_s[name]:.1f} s")
     for clock, o in overhead.items():
         print(f"focus overhead ({clock} time): forward {100 * o['forward']:+.1f} %, forward+backward "

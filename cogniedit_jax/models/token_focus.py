@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 from cogniedit_jax.models.config import MMDiTConfig, at_least_f32
 
 TRAIN_MODES = ("straight_through", "expected")
-MODES = ("hard",) + TRAIN_MODES
+MODES = ("hard", *TRAIN_MODES)
 WEIGHT_NAME = "focus.safetensors"
 _METADATA_KEY = "focus_config"
 
@@ -87,7 +87,7 @@ class Focus:
     def xi(self) -> int:
         return self.params["soft_tokens"].shape[-2]
 
-    def training(self, train: bool = True) -> "Focus":
+    def training(self, train: bool = True) -> Focus:
         return self.replace(train=train)
 
 
@@ -150,7 +150,8 @@ def layout(mask, batch: int, txt_len: int, xi: int) -> Layout:
     source = rank[:, :, None] - jnp.arange(xi, dtype=jnp.int32)
     covers = (valid[:, :, None] & (jnp.arange(xi) < width[:, None, None]) & (source >= 0)
               & (source < n_starts[:, None, None]))
-    return Layout(pos[None, :] < n_starts[:, None], window_mean, jnp.clip(source, 0, txt_len - 1), covers, width)
+    start_ok = pos[None, :] < n_starts[:, None]
+    return Layout(start_ok, window_mean, jnp.clip(source, 0, txt_len - 1), covers, width)
 
 
 def start_logits(layer, txt, lay: Layout):
@@ -194,7 +195,8 @@ def save_focus(focus: Focus, out_dir) -> Path:
     """`out_dir/focus.safetensors`: the params by path, with the train mode as metadata."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(focus.params), sep="/").items()}
+    flat = traverse_util.flatten_dict(jax.device_get(focus.params), sep="/")
+    flat = {k: np.asarray(v) for k, v in flat.items()}
     file = out_dir / WEIGHT_NAME
     save_file(flat, file, metadata={_METADATA_KEY: json.dumps({"train_mode": focus.train_mode})})
     return file
@@ -208,7 +210,7 @@ def load_focus(path, cfg: MMDiTConfig) -> Focus:
         raise FileNotFoundError(f"no focus file at {file}")
     with safe_open(file, "numpy") as f:
         meta = json.loads((f.metadata() or {}).get(_METADATA_KEY, "{}"))
-        flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}
+        flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
     focus = Focus(traverse_util.unflatten_dict(flat, sep="/"), meta.get("train_mode", "straight_through"))
     check_focus(cfg, focus, str(file))
     return focus
