@@ -232,8 +232,9 @@ def test_model_gradients_match_finite_differences_in_float64():
 def test_records_stack_per_layer(params):
     focus = init_focus(CFG, FocusConfig(xi=3), jax.random.key(8))
     x = model_inputs()
-    out, rec = transformer_forward_with_records(CFG, params, img_shapes=IMG_SHAPES, focus=focus,
-                                                probe=lambda q, k, v, m: jnp.sum(q, axis=(1, 2, 3)), **x)
+    out, rec = jax.jit(lambda p, f, x: transformer_forward_with_records(
+        CFG, p, img_shapes=IMG_SHAPES, focus=f, probe=lambda q, k, v, m: jnp.sum(q, axis=(1, 2, 3)), **x))(
+            params, focus, x)
     assert rec["focus"]["start"].shape == (2, 3) and rec["focus"]["probs"].shape == (2, 3, TXT_LEN)
     assert rec["probe"].shape == (2, 3)
     np.testing.assert_allclose(out, run(params, focus, None, x), rtol=0, atol=1e-5)
