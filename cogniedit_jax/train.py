@@ -200,79 +200,67 @@ def _host_rows(batch: dict, rows: slice) -> dict:
 
 
 class CachedConditions:
-    """Manifest items with their `prepare` condition cache: `cache_dir/<id>.npz` holding prompt_embeds [L, D],
-    mask [L] and source_latents [S, 4C] (packed, VAE-normalised) with source_grid (h, w) (the COND.npz format
-    of analysis/focus_map.py); `cache_dir/negative.npz` (prompt_embeds, mask) is the negative prompt for true
-    CFG. Text is padded to `data.max_text_len`; an item missing from the cache or longer than that is skipped
-    (its row masked out) and counted, like an unreadable image."""
+    """The manifest's items as `python -m cogniedit_jax.prepare` cached them (`data.cache.CacheReader`): per
+    row the packed, normalised source latents, the prompt embeddings and mask padded to `data.max_text_len`
+    (0: the cache's longest), the item's own negative-prompt embeddings (the pipeline encodes " " with each
+    source image) when the cache has them, the source image at its bucket size, and for the judge the text
+    that was encoded (the enhanced answer under prepare's data.use_enhanced, else the instruction: the
+    decomposed c_b of Alg. 1, line 11). Manifest items missing from the cache (prepare skipped them or has not
+    reached them) are left out and counted ("no_cache"); a record in a missing or damaged shard, or with more
+    than max_text_len text tokens, is counted and its row masked out (`valid`)."""
 
     def __init__(self, config, editor: Editor, process_index: int = 0, process_count: int = 1):
-        from cogniedit_jax.data.loader import manifest_loader
+        from cogniedit_jax.data.cache import CacheReader
+        from cogniedit_jax.data.loader import Loader
         from cogniedit_jax.data.manifest import read_manifest
 
         d = config.data
+        self.reader = CacheReader(d.cache_dir)
+        self.max_len, self.vae_scale = d.max_text_len or self.reader.text_length, d.vae_scale
+        # Padded to at least max_len and cut to it: every record has one text shape under jit.
+        self.reader.text_length = max(self.reader.text_length, self.max_len)
         items, skips = read_manifest(d.manifest)
-        self.loader = manifest_loader(
-            items,
-            global_batch_size=d.batch_size,
-            seed=config.seed,
-            target_area=d.target_area,
-            process_index=process_index,
-            process_count=process_count,
-            num_threads=d.num_threads,
-        )
-        self.loader.skips.merge(skips)
-        self.cache, self.max_len, self.vae_scale = Path(d.cache_dir), d.max_text_len, d.vae_scale
-        self.negative = None
-        if (self.cache / "negative.npz").is_file():
-            with np.load(self.cache / "negative.npz") as z:
-                self.negative = (
-                    z["prompt_embeds"].reshape(-1, z["prompt_embeds"].shape[-1]),
-                    z["mask"].reshape(-1).astype(np.int32),
-                )
-        self.loader.load_fn = functools.partial(self._load, self.loader.load_fn)
+        bucket_of = dict(zip(self.reader.ids, self.reader.buckets))
+        self.ids = []
+        for item in items:
+            if item.id in bucket_of:
+                self.ids.append(item.id)
+            else:
+                skips.add(DataError(item.source, "no_cache", f"item {item.id!r} is not in the cache "
+                                                             f"{d.cache_dir}: run cogniedit_jax.prepare"))
+        if not self.ids:
+            raise ValueError(f"no item of data.manifest={d.manifest} is in data.cache_dir={d.cache_dir}; "
+                             "run `python -m cogniedit_jax.prepare` with the same config first")
+        self.loader = Loader([bucket_of[i] for i in self.ids], self._load, global_batch_size=d.batch_size,
+                             seed=config.seed, process_index=process_index, process_count=process_count,
+                             num_threads=d.num_threads, skips=skips)
 
-    def _load(self, load_image, i: int) -> dict:
-        ex = load_image(i)
-        file = self.cache / f"{ex['id']}.npz"
-        if not file.is_file():
-            raise DataError(str(file), "no_cache", "not in the condition cache: run cogniedit_jax.prepare")
-        with np.load(file) as z:
-            embeds = z["prompt_embeds"].reshape(-1, z["prompt_embeds"].shape[-1])
-            mask = z["mask"].reshape(-1).astype(np.int32) if "mask" in z else np.ones(len(embeds), np.int32)
-            source, grid = z["source_latents"], tuple(int(v) for v in z["source_grid"])
-        if len(embeds) > self.max_len:
-            raise DataError(
-                str(file), "text_too_long", f"{len(embeds)} text tokens > data.max_text_len={self.max_len}"
-            )
-        pad = self.max_len - len(embeds)
-        ex.update(
-            prompt_embeds=np.pad(embeds, [(0, pad), (0, 0)]),
-            mask=np.pad(mask, (0, pad)),
-            source_latents=source,
-            source_grid=np.asarray(grid),
-        )
-        return ex
+    def _load(self, i: int) -> dict:
+        rec = self.reader.read(self.ids[i])
+        texts = [k for k in ("prompt", "negative") if f"{k}_mask" in rec]
+        for k in texts:
+            length = int(rec[f"{k}_mask"].sum())
+            if length > self.max_len:
+                raise DataError(f"{self.reader.dir} (id {rec['id']!r})", "text_too_long",
+                                f"{length} {k} tokens > data.max_text_len={self.max_len}")
+        cut = {f"{k}_{part}": rec[f"{k}_{part}"][: self.max_len] for k in texts for part in ("embeds", "mask")}
+        return {"latents": rec["latents"], "source": rec["source"], "prompt": rec["prompt"], **cut}
 
     def __iter__(self):
         for ex in self.loader:
-            b = len(ex["instruction"])
             height, width = ex["source"].shape[1:3]
-            target = (height // self.vae_scale, width // self.vae_scale)
-            grid = tuple(int(v) * 2 for v in ex["source_grid"][0])  # tokens -> latent pixels
-            neg = (
-                (np.repeat(self.negative[0][None], b, 0), np.repeat(self.negative[1][None], b, 0))
-                if self.negative is not None
-                else (None, None)
-            )
-            cond = EditCondition(ex["prompt_embeds"], ex["mask"], ex["source_latents"], *neg)
-            # The judge scores against the decomposed instruction c_b where there is one (Alg. 1, line 11).
-            instructions = [e.answer if e else t for e, t in zip(ex["enhanced"], ex["instruction"])]
+            hw = (height // self.vae_scale, width // self.vae_scale)
+            tokens = ex["latents"].shape[1]
+            if tokens != (hw[0] // 2) * (hw[1] // 2):
+                raise ValueError(f"cached source latents have {tokens} tokens for {height}x{width} sources: "
+                                 f"expected {(hw[0] // 2) * (hw[1] // 2)} with data.vae_scale={self.vae_scale}")
+            cond = EditCondition(ex["prompt_embeds"], ex["prompt_mask"], ex["latents"],
+                                 ex.get("negative_embeds"), ex.get("negative_mask"))
             yield {
                 "cond": cond,
-                "layout": edit_layout(target, [grid]),
+                "layout": edit_layout(hw, [hw]),  # the target is edited at the source's size
                 "sources": ex["source"],
-                "instructions": instructions,
+                "instructions": ex["prompt"],
                 "valid": ex["valid"],
             }
 

@@ -3,7 +3,7 @@ steps, 10 % linear warm-up then cosine, gradient clipping 1.0, k = 5, xi = 64, o
 fsdp 8).
 
     python convert/qwen_image_edit.py --transformer QIE/transformer --vae QIE/vae --out /ckpt/qie-jax
-    python -m cogniedit_jax.prepare --config configs/base.py            # condition cache (data.cache_dir)
+    python -m cogniedit_jax.prepare --config configs/base.py            # the cache in data.cache_dir
     python -m cogniedit_jax.train --config configs/base.py --workdir runs/base \\
         --config.model.path=/ckpt/qie-jax --config.data.manifest=train.jsonl --config.data.cache_dir=cache \\
         --config.judge.sidecar.judge=/ckpt/Qwen2.5-VL-7B-Instruct
@@ -12,6 +12,10 @@ Not given by the paper, our choices: T = 10 sampling steps per rollout (Flow-GRP
 samples per instance (16 rows: 2 per GPU), SDE noise level 0.7, PPO clip 1e-4 with per-element mean
 log-densities and KL weight 0.004 (Flow-GRPO's), true CFG 4.0 (the edit pipeline's default), batch-level
 advantages (the paper's section 3.1). Field meanings: configs/tiny.py.
+
+Read by prepare only (cogniedit_jax/prepare.py's docstring): the top-level `sidecar` group (the condition
+encoder: the original Qwen-Image-Edit pipeline folder; the paper's decomposer PeBR-R1-7B, section 4.1.1) and
+data.decompose / use_enhanced / encode_batch / shard_size. The trainer reads the cache prepare writes.
 """
 
 import ml_collections
@@ -53,6 +57,18 @@ def get_config(arg=None):
         target_area=1024 * 1024,
         num_threads=8,
         vae_scale=8,
+        decompose=True,  # Alg. 1, line 4: every instruction goes through the MLLM ...
+        use_enhanced=True,  # ... and its enhanced answer replaces it (section 4.1.1)
+        encode_batch=8,
+        shard_size=32,
+    )
+    c.sidecar = dict(
+        spawn=True,
+        encoder="/ckpt/Qwen-Image-Edit",
+        decomposer="/ckpt/PeBR-R1-7B",
+        device="auto",
+        timeout_s=600.0,
+        log_file="prepare_sidecar.log",
     )
     c.judge = dict(
         source="sidecar",

@@ -20,8 +20,10 @@ focus.enabled / xi / predictor_dim / train_mode    token focus (paper 3.2); xi =
 policy.num_steps / k / noise_level / cfg_scale / reduce    the sampling policy (rl.policy.PolicyConfig)
 loss.mode / clip_eps / beta / advantage_mode   "dense" or "standard" GRPO; PPO eps; KL weight; "batch" ...
 rollout.group_size     G samples per instance
-data.source            "random" (data.latent_hw, data.text_len, data.negative_prompt), "cache" (data.manifest,
-                       data.cache_dir, data.max_text_len, data.target_area, data.num_threads, data.vae_scale)
+data.source            "random" (data.latent_hw, data.text_len, data.negative_prompt), "cache" (the items of
+                       data.manifest in the cache `python -m cogniedit_jax.prepare` wrote to data.cache_dir;
+                       data.max_text_len (0: the cache's longest), data.num_threads, data.vae_scale; prepare
+                       reads data.target_area, data.negative_prompt and more: see its docstring)
                        or "package.module:function": fn(config, editor, process_index, process_count) -> an
                        iterable of batch dicts {"cond": EditCondition (numpy), "layout": edit_layout(...),
                        "sources": uint8 [B, H, W, 3], "instructions": [str] * B, "valid": bool [B]} with
