@@ -9,12 +9,13 @@ import struct
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from cogniedit_jax.config import load_config
 from cogniedit_jax.data.cache import CacheRecord, CacheWriter
 from cogniedit_jax.models import MMDiTConfig
-from cogniedit_jax.train import CachedConditions, Editor, RandomConditions, latent_preview
+from cogniedit_jax.train import CachedConditions, Editor, RandomConditions, latent_preview, train
 
 MODEL = MMDiTConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                     num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
@@ -119,6 +120,17 @@ def test_too_long_text_is_skipped_and_counted(tmp_path):
     rows = sum(int((~next(batches)["valid"]).sum()) for _ in range(2))
     assert rows == 3 and source.loader.skips.counts["text_too_long"] == 3
     assert next(batches)["cond"].prompt_embeds.shape == (3, 5, 24)
+
+
+@pytest.mark.slow  # ~50 s on 2 busy cores: compiles the tiny trainer
+def test_trainer_runs_on_the_cache(tmp_path):
+    write_cache(tmp_path, n=7, damaged=("item5",))
+    # preview_scale = vae_scale, so the random editor's decoded edits have the sources' size, as a VAE's do
+    config = cache_config(tmp_path, "total_steps=2", "data.max_text_len=0", "log.grid_every=0",
+                          "model.preview_scale=8")
+    result = train(config, tmp_path / "run")
+    assert result["step"] == 2 and np.isfinite(result["loss"]) and np.isfinite(result["reward_mean"])
+    assert result["bad_examples"] == 1 and result["invalid_rewards"] == 2  # item5's row, G = 2 samples
 
 
 def test_random_source_is_a_function_of_seed_and_step_and_splits_hosts():
