@@ -243,7 +243,7 @@ class CachedConditions:
             if length > self.max_len:
                 raise DataError(f"{self.reader.dir} (id {rec['id']!r})", "text_too_long",
                                 f"{length} {k} tokens > data.max_text_len={self.max_len}")
-        cut = {f"{k}_{part}": rec[f"{k}_{part}"][: self.max_len] for k in texts for part in ("embeds", "mask")}
+        cut = {f"{k}_{p}": rec[f"{k}_{p}"][: self.max_len] for k in texts for p in ("embeds", "mask")}
         return {"latents": rec["latents"], "source": rec["source"], "prompt": rec["prompt"], **cut}
 
     def __iter__(self):
@@ -251,9 +251,10 @@ class CachedConditions:
             height, width = ex["source"].shape[1:3]
             hw = (height // self.vae_scale, width // self.vae_scale)
             tokens = ex["latents"].shape[1]
-            if tokens != (hw[0] // 2) * (hw[1] // 2):
+            expected = (hw[0] // 2) * (hw[1] // 2)
+            if tokens != expected:
                 raise ValueError(f"cached source latents have {tokens} tokens for {height}x{width} sources: "
-                                 f"expected {(hw[0] // 2) * (hw[1] // 2)} with data.vae_scale={self.vae_scale}")
+                                 f"expected {expected} with data.vae_scale={self.vae_scale}")
             cond = EditCondition(ex["prompt_embeds"], ex["prompt_mask"], ex["latents"],
                                  ex.get("negative_embeds"), ex.get("negative_mask"))
             yield {

@@ -50,7 +50,7 @@ def write_cache(tmp_path, n=6, missing=("item3",), damaged=()):
 
 
 def _flip_byte(path, name):
-    """Alters the first byte of tensor `name` in a safetensors file (8-byte header size, JSON header, data)."""
+    """Alters the first byte of tensor `name` in a safetensors file (header size, JSON header, data)."""
     data = bytearray(path.read_bytes())
     (size,) = struct.unpack("<Q", data[:8])
     start = 8 + size + json.loads(data[8:8 + size])[name]["data_offsets"][0]
