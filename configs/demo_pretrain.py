@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.text = dict(max_len=32)
     # combine_p: two-clause instructions; enhanced_p: the rule decomposer's explicit instruction instead.
     c.data = dict(combine_p=0.2, enhanced_p=0.5)
-    c.train = dict(steps=900, batch_size=16, lr=2e-3, warmup_steps=50, weight_decay=0.0, clip_norm=1.0)
+    c.train = dict(steps=2000, batch_size=16, lr=2e-3, warmup_steps=50, weight_decay=0.0, clip_norm=1.0)
     # Held-out judge run at the end: a seed never used for training examples.
     c.eval = dict(seed=10_000, num=64, steps=8, grid=12)
     if arg == "pilot":
