@@ -4,15 +4,19 @@ per-device memory XLA reports, before renting any GPU.
     python -m cogniedit_jax.plan --config configs/base.py --devices 8 [--device-memory-gb 80] [--layers N]
         [--config.FIELD=VALUE ...]
 
-No weights are read: the frozen MMDiT is `model.arch` over the real Qwen-Image defaults (`MMDiTConfig`),
-built with `jax.eval_shape` and carrying `parallel.frozen_shardings`; LoRA, focus and the optimizer state
-come from `train.init_state`'s shapes. The rollout batch has the config's sizes: `data.batch_size` x
+No weights are read: the frozen MMDiT is the converted model's `config.json` when `model.path` has one,
+else `model.arch` over the real Qwen-Image defaults (`MMDiTConfig`: 60 layers, 20.4 B params), built with
+`jax.eval_shape` and carrying `parallel.frozen_shardings`; LoRA, focus and the optimizer state come from
+`train.init_state`'s shapes. The rollout batch has the config's sizes: `data.batch_size` x
 `rollout.group_size` rows; the latent is `data.latent_hw`, or the square of area `data.target_area` (a
 1024x1024 edit: 4096 target + 4096 source tokens); text `data.text_len` or `data.max_text_len` tokens, the
 negative prompt (true CFG) as long. Then `train.rollout_step` and `train.update_step` are lowered and
 compiled with the trainer's shardings. `--devices N` simulates N CPU devices; without it the present
-devices are used (on a GPU host: the GPU compiler's figures). `--layers N` compiles a shallower model and
-extrapolates the frozen weights to the full depth (the block scan keeps everything else per layer).
+devices are used (on a GPU host: the GPU compiler's figures, with cuDNN attention). CPU figures include
+XLA's materialised attention scores (the `scores` column: one such buffer), which cuDNN never holds.
+`--layers N` compiles an N-layer model instead (a what-if; its figures are for N layers). Compile time
+does not grow with depth (the block scan), and the peak is not linear in depth at small depths (XLA's buffer
+reuse), so the full depth is what to compile.
 
 Exit code 0 if the larger step fits `--device-memory-gb`, 1 if not, 2 on a bad argument or config.
 """
@@ -27,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +40,7 @@ from cogniedit_jax import config as config_lib
 from cogniedit_jax import parallel, train
 from cogniedit_jax.checkpoint import abstract_like
 from cogniedit_jax.models import MMDiTConfig, init_params
+from cogniedit_jax.models.loading import CONFIG_NAME
 from cogniedit_jax.rl.policy import PolicyConfig
 from cogniedit_jax.sampling.edit_loop import EditCondition, edit_layout
 
@@ -101,17 +107,21 @@ def simulate_devices(n: int) -> bool:
 
 
 def model_config(config, layers: int | None) -> MMDiTConfig:
-    """`model.arch` over MMDiTConfig's defaults (the real model), run as the config says; XLA attention on
-    CPU (cuDNN's fused kernel exists only on GPU)."""
-    arch = dict(config.model.arch)
-    if "axes_dims_rope" in arch:
-        arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
-    if layers is not None:
-        arch["num_layers"] = layers
+    """The converted model's `config.json` where `model.path` has one (only that file is read), else
+    `model.arch` over MMDiTConfig's defaults (the real model); run as the config says, with XLA attention
+    off GPU (cuDNN's fused kernel exists only there)."""
     impl = config.model.attention_impl if jax.default_backend() == "gpu" else "xla"
-    return MMDiTConfig(
-        **arch, dtype=config.model.dtype, remat_policy=config.model.remat_policy, attention_impl=impl
-    )
+    runtime = {"dtype": config.model.dtype, "remat_policy": config.model.remat_policy, "attention_impl": impl}
+    path = Path(config.model.path or ".")
+    found = [f for f in (path / "transformer" / CONFIG_NAME, path / CONFIG_NAME) if f.is_file()]
+    if config.model.source == "converted" and found:
+        cfg = MMDiTConfig.from_json(found[0], **runtime)
+    else:
+        arch = dict(config.model.arch)
+        if "axes_dims_rope" in arch:
+            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
+        cfg = MMDiTConfig(**arch, **runtime)
+    return cfg if layers is None else cfg.replace(num_layers=layers)
 
 
 def latent_hw(config) -> tuple[int, int]:
@@ -220,12 +230,8 @@ def plan(config, layers: int | None = None) -> dict:
     return out
 
 
-def report(
-    result: dict, device_memory_gb: float, deeper: dict | None = None, full_layers: int | None = None
-) -> tuple[str, bool]:
-    """(the table, fits). With `deeper` (the same plan one layer deeper), each step's total is extrapolated
-    linearly to `full_layers`: under the block scan, depth adds frozen weights and saved residuals per
-    layer, nothing else."""
+def report(result: dict, device_memory_gb: float) -> tuple[str, bool]:
+    """(the table, fits): the rollout's peak adds the optimizer state (resident, though not its argument)."""
     cfg, mesh, policy = result["model"], result["mesh"], result["policy"]
     # GiB for real models, MiB for the tiny test ones.
     unit, scale = ("GiB", GB) if max(result[n]["total"] for n in ("rollout", "update")) >= GB else ("MiB", MB)
@@ -260,14 +266,6 @@ def report(
             + f"{result[name + '_seconds']:11.1f}"
         )
         peaks[name] = row["total"] + resident  # the optimizer state stays on the device during the rollout
-    if deeper is not None:
-        extra = full_layers - cfg.num_layers
-        slopes = {name: deeper[name]["total"] - result[name]["total"] for name in peaks}
-        peaks = {name: peak + extra * slopes[name] for name, peak in peaks.items()}
-        lines.append(
-            f"extrapolated to {full_layers} layers ({cfg.num_layers} and {cfg.num_layers + 1} compiled): "
-            + ", ".join(f"{n} {gb(p)} {unit} (+{gb(slopes[n])} per layer)" for n, p in peaks.items())
-        )
     peak = max(peaks.values())
     fits = peak <= device_memory_gb * GB
     lines.append(
@@ -293,9 +291,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # a mesh that does not match the devices, a bad architecture
         print(f"error: {e}", file=sys.stderr)
         return 2
-    full = model_config(config, None).num_layers
-    deeper = plan(config, args.layers + 1) if args.layers is not None and args.layers < full else None
-    table, fits = report(result, args.device_memory_gb, deeper, full)
+    table, fits = report(result, args.device_memory_gb)
     print(table)
     return 0 if fits else 1
 
