@@ -246,8 +246,8 @@ def report(result: dict, device_memory_gb: float) -> tuple[str, bool]:
             f"T={policy.num_steps}, k={policy.k}, cfg_scale={policy.cfg_scale}"
         ),
         (
-            f"params: {result['params'] / 1e9:.3f} B frozen ({gb(result['frozen_per_device'])} {unit} per device), "
-            f"{result['trainable_params'] / 1e6:.3f} M trainable ({gb(result['opt_state_per_device'])} {unit} "
+            f"params: {result['params']:,} frozen ({gb(result['frozen_per_device'])} {unit} per device), "
+            f"{result['trainable_params']:,} trainable ({gb(result['opt_state_per_device'])} {unit} "
             "optimizer state per device)"
         ),
         f"{f'per device ({unit})':<18}"
@@ -268,6 +268,11 @@ def report(result: dict, device_memory_gb: float) -> tuple[str, bool]:
         peaks[name] = row["total"] + resident  # the optimizer state stays on the device during the rollout
     peak = max(peaks.values())
     fits = peak <= device_memory_gb * GB
+    if cfg.attention_impl == "xla" and result["update"]["scores"]:
+        lines.append(
+            "note: XLA attention materialises score tensors (`scores`: the largest one; temps hold "
+            "several); cuDNN's fused attention on GPU holds none, so a GPU peak is lower"
+        )
     lines.append(
         f"peak per device {peak / scale:.2f} {unit} vs {device_memory_gb:g} GiB: {'fits' if fits else 'does not fit'}"
     )
