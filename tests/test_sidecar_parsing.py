@@ -198,6 +198,8 @@ def test_bind_policy():
 
 def test_rule_registry():
     def rule(edited, source, instruction):
+        if instruction == "refused":
+            raise JudgeParseError("no referent for 'refused'")
         return {**S4325, "alignment": 4.0 if instruction == "ok" else 9.0}
 
     register_rule_judge("parsing-test-rule", rule)
@@ -205,9 +207,11 @@ def test_rule_registry():
         register_rule_judge("parsing-test-rule", lambda *a: None)
     judge = get_rule_judge("parsing-test-rule")
     img = np.zeros((2, 2, 3), np.uint8)
-    ok, bad = judge.score([{"edited": img, "source": img, "instruction": i} for i in ("ok", "bad")])
+    ok, bad, refused = judge.score([{"edited": img, "source": img, "instruction": i}
+                                    for i in ("ok", "bad", "refused")])
     assert ok["valid"] and ok["scores"] == S4325 and judge.backend == "rule:parsing-test-rule"
     assert not bad["valid"] and "alignment score 9.0 is outside" in bad["error"]
+    assert not refused["valid"] and "no referent" in refused["error"]  # a refusing rule marks only its sample
     with pytest.raises(KeyError, match="no rule judge registered as 'nope'"):
         get_rule_judge("nope")
 

@@ -36,9 +36,10 @@ class RuleJudge:
     def score(self, items: list[dict]) -> list[dict]:
         results = []
         for it in items:
-            out = self.fn(it["edited"], it["source"], it["instruction"])
-            text = out if isinstance(out, str) else repr(out)
-            try:
+            text = ""
+            try:  # the rule itself may refuse (JudgeParseError): that sample is invalid, the batch goes on
+                out = self.fn(it["edited"], it["source"], it["instruction"])
+                text = out if isinstance(out, str) else repr(out)
                 results.append(judge_result(text, 1, scores=parse_judge_scores(out) if isinstance(out, str)
                                             else validate_scores(out)))
             except JudgeParseError as e:
