@@ -16,6 +16,7 @@ from cogniedit_jax.data import shapes
 from cogniedit_jax.demo import editor as demo
 from cogniedit_jax.demo.evaluation import enhanced_instruction
 from cogniedit_jax.sampling.edit_loop import EditCondition
+from cogniedit_jax.train import StepConditions
 
 
 def demo_editor(config) -> demo.DemoEditor:
@@ -34,34 +35,20 @@ def texts_for(examples, ed: demo.DemoEditor, enhanced: bool) -> list[str]:
     return [enhanced_instruction(ex, ed.text_cfg.max_len) if enhanced else ex.instruction for ex in examples]
 
 
-class conditions:  # noqa: N801 (named as the config's "module:function" entry)
+class conditions(StepConditions):  # noqa: N801 (named as the config's "module:function" entry)
     """Shapes edits drawn from (seed, step): this host's rows of each global batch, resumable by step."""
 
     def __init__(self, config, editor, process_index: int = 0, process_count: int = 1):
+        super().__init__(config, editor, process_index, process_count)
         self.ed = demo_editor(config)
-        self.seed, self.batch, self.step = config.seed, config.data.batch_size, 0
         self.enhanced, self.combine_p = config.data.enhanced, config.data.combine_p
-        self.rows = slice(process_index * self.batch // process_count,
-                          (process_index + 1) * self.batch // process_count)
 
-    def batch_at(self, step: int) -> dict:
+    def global_batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step])
-        examples = [shapes.random_example(rng, self.combine_p) for _ in range(self.batch)][self.rows]
+        examples = [shapes.random_example(rng, self.combine_p) for _ in range(self.config.data.batch_size)]
         sources = np.stack([shapes.render(ex.source) for ex in examples])
         cond = self.ed.condition(sources, texts_for(examples, self.ed, self.enhanced))
         return {"cond": EditCondition(*(np.asarray(x) for x in (cond.prompt_embeds, cond.prompt_mask,
                                                                  cond.source_latents))),
                 "layout": self.ed.layout, "sources": sources,
                 "instructions": [ex.instruction for ex in examples], "valid": np.ones(len(examples), bool)}
-
-    def __iter__(self):
-        while True:
-            batch = self.batch_at(self.step)
-            self.step += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
