@@ -15,6 +15,7 @@ The three pluggable parts (`model.source`, `data.source`, `judge.source`) are a 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -62,11 +63,13 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class Editor:
     """cfg and frozen params of the MMDiT; decode(packed latents [N, S, 4C] (numpy), latent (h, w)) -> uint8
-    images [N, H, W, 3] for the judge and the sample grids."""
+    images [N, H, W, 3] for the judge and the sample grids; vae: (VAEConfig, params) when the editor has one
+    (the evaluator encodes sources with it)."""
 
     cfg: MMDiTConfig
     params: Any
     decode: Callable
+    vae: Any = None
 
 
 def latent_preview(packed, hw, scale: int = 8):
@@ -117,7 +120,7 @@ def converted_editor(config, mesh) -> Editor:
             .transpose(0, 2, 3, 1)
         )
 
-    return Editor(cfg, params, decode)
+    return Editor(cfg, params, decode, (vae_cfg, vae_params))
 
 
 def load_editor(config, mesh) -> Editor:
@@ -138,7 +141,7 @@ def load_editor(config, mesh) -> Editor:
 # and has state_dict() / load_state_dict() (JSON-able) for exact resumption.
 
 
-class StepConditions:
+class StepConditions(abc.ABC):
     """Base of sources whose global batch is a pure function of (seed, step): subclasses define
     `global_batch(step)`; this host gets its rows, and the state is the step. (Plugins may subclass it.)"""
 
@@ -148,8 +151,9 @@ class StepConditions:
         self.rows = slice(process_index * batch // process_count,
                           (process_index + 1) * batch // process_count)
 
+    @abc.abstractmethod
     def global_batch(self, step: int) -> dict:
-        raise NotImplementedError
+        """The whole (all hosts') batch of `step`."""
 
     def batch_at(self, step: int) -> dict:
         return _host_rows(self.global_batch(step), self.rows)

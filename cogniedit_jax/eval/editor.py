@@ -34,11 +34,7 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
     from cogniedit_jax.models.lora import load_diffusers_lora
     from cogniedit_jax.models.token_focus import WEIGHT_NAME as FOCUS_FILE
     from cogniedit_jax.models.token_focus import load_focus
-    from cogniedit_jax.models.vae import (
-        load_vae,
-        normalize_latents,
-        vae_encode,
-    )
+    from cogniedit_jax.models.vae import normalize_latents, vae_encode
     from cogniedit_jax.train import load_editor
 
     if config.model.source != "converted":
@@ -47,7 +43,7 @@ def model_editor(config, lora_dir, client, steps: int, seed: int = 0):
                          "or pass --editor module:function")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     editor = load_editor(config, mesh)
-    vae_cfg, vae_params = load_vae(config.model.path, dtype=config.model.dtype, use_tiling=True)
+    vae_cfg, vae_params = editor.vae
     lora = load_diffusers_lora(lora_dir, editor.cfg) if lora_dir else None
     focus = None
     if lora_dir and (Path(lora_dir) / FOCUS_FILE).is_file():  # the trainer exports both into one folder

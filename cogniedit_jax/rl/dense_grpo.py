@@ -137,13 +137,12 @@ def grpo_objective(log_probs, kl, rollout: Rollout, cfg: LossConfig):
     def ppo(ratio):
         return jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - eps, 1 + eps) * adv)
 
+    psi = log_ratio.sum(0)
     if cfg.mode == "dense":
-        psi = log_ratio.sum(0)
         bound = math.log1p(eps)
         ratio = jnp.exp(jnp.clip(psi, -bound, bound))
         objective, clipped = ppo(ratio), jnp.abs(psi) > bound
     else:
-        psi = log_ratio.sum(0)
         ratio = jnp.exp(log_ratio)
         objective, clipped = ppo(ratio).mean(0), (jnp.abs(ratio - 1) > eps).mean(0)
     valid = rollout.valid
