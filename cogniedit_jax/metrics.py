@@ -91,3 +91,39 @@ def save_grid(path, grid: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
+
+
+def line_chart(path, series: list[dict], title: str, x_label: str = "", size=(720, 400), pad: int = 56) -> Path:
+    """A PNG line chart drawn with PIL (no plotting library in the dependencies). series: dicts with x, y
+    (sequences), colour (RGB), optional width and label (drawn in a legend, top left)."""
+    xs = np.concatenate([np.asarray(s["x"], np.float64) for s in series])
+    ys = np.concatenate([np.asarray(s["y"], np.float64) for s in series])
+    x0, x1 = float(xs.min()), float(xs.max()) + 1e-12
+    lo, hi = float(ys.min()), float(ys.max()) + 1e-6
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+
+    def xy(x, y):
+        return [(pad + (a - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (b - lo) / (hi - lo) * (h - 2 * pad))
+                for a, b in zip(x, y)]
+
+    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    labelled = 0
+    for s in series:
+        draw.line(xy(s["x"], s["y"]), fill=tuple(s["colour"]), width=s.get("width", 1))
+        if s.get("label"):
+            y = pad + 6 + 14 * labelled
+            draw.line([(pad + 6, y + 6), (pad + 26, y + 6)], fill=tuple(s["colour"]), width=3)
+            draw.text((pad + 32, y), s["label"], fill="black")
+            labelled += 1
+    draw.text((pad, 8), title, fill="black")
+    draw.text((4, pad - 6), f"{hi:.3g}", fill="black")
+    draw.text((4, h - pad - 6), f"{lo:.3g}", fill="black")
+    draw.text((pad, h - pad + 8), f"{x0:.3g}", fill="black")
+    draw.text((w - pad - 40, h - pad + 8), f"{x1:.3g}", fill="black")
+    draw.text((w // 2 - 3 * len(x_label), h - pad + 24), x_label, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

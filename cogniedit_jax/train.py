@@ -47,7 +47,7 @@ from cogniedit_jax.rl.rollout import Rollout, judge_rollout, sample_rollout
 from cogniedit_jax.sampling.edit_loop import EditCondition, edit_layout, unpack_latents
 from cogniedit_jax.sampling.schedule import SchedulerConfig, make_schedule
 from cogniedit_jax.sidecar.client import judge_rewards
-from cogniedit_jax.sidecar.rules import get_rule_judge, register_rule_judge
+from cogniedit_jax.sidecar.rules import get_rule_judge
 
 log = logging.getLogger("cogniedit_jax.train")
 EXPORT_FOLDER = "export"
@@ -288,15 +288,6 @@ def make_conditions(config, editor: Editor):
 # valid [N]).
 
 
-def pixel_stats_rule(edited, source, instruction) -> dict:
-    """A rule judge for smoke runs and tests, of pixels only: alignment grows with the edit's redness,
-    consistency with its closeness to the source."""
-    red = float(np.mean(edited[..., 0])) / 255
-    change = float(np.mean(np.abs(edited.astype(np.float32) - source.astype(np.float32)))) / 255
-    return {"alignment": 1 + 4 * red, "coherence": 3.0, "style": 3.0, "consistency": 5 - 4 * change}
-
-
-register_rule_judge("pixel_stats", pixel_stats_rule)
 
 
 def make_judge(config) -> tuple[Callable, Callable]:
@@ -395,10 +386,33 @@ def rollout_shardings(mesh, rollout: Rollout):
     return rollout.replace(**out)
 
 
+def batch_policy(config, model: MMDiTConfig, layout) -> tuple[PolicyConfig, Any, tuple[int, int]]:
+    """(policy, sigmas [T + 1], target latent (h, w)) for a batch of this layout."""
+    policy = PolicyConfig(
+        model,
+        layout,
+        num_steps=config.policy.num_steps,
+        k=config.policy.k,
+        noise_level=config.policy.noise_level,
+        cfg_scale=config.policy.cfg_scale,
+        reduce=config.policy.reduce,
+    )
+    target_hw = (layout[0][1] * 2, layout[0][2] * 2)
+    sigmas, _ = make_schedule(SchedulerConfig(), policy.num_steps, target_hw[0] * target_hw[1] // 4)
+    return policy, sigmas, target_hw
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 7))
 def rollout_step(mesh, policy, frozen, trainable, cond, sigmas, key, group_size):
     rollout = sample_rollout(policy, frozen, trainable, cond, sigmas, key, group_size)
     return jax.lax.with_sharding_constraint(rollout, rollout_shardings(mesh, rollout))
+
+
+def loss_and_grad(loss_cfg, trainable, frozen, rollout):
+    """((loss, metrics), d loss / d trainable): what an update differentiates."""
+    return jax.value_and_grad(
+        lambda t: dense_grpo_loss(_training_mode(t), frozen, rollout, loss_cfg), has_aux=True
+    )(trainable)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
@@ -406,10 +420,7 @@ def update_step(optim: OptimSpec, loss_cfg, trainable, opt_state, frozen, rollou
     """One optimizer update; a non-finite loss or gradient (or no valid sample) leaves trainable and optimizer
     state unchanged."""
 
-    def loss_of(t):
-        return dense_grpo_loss(_training_mode(t), frozen, rollout, loss_cfg)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    (loss, metrics), grads = loss_and_grad(loss_cfg, trainable, frozen, rollout)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = optim.build().update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
@@ -543,20 +554,8 @@ def train(config, workdir) -> dict:
         with stop.installed():
             while step < end and stop.received is None:
                 batch = _gather_batch(next(batches))
-                target_hw = (batch["layout"][0][1] * 2, batch["layout"][0][2] * 2)
-                policy = PolicyConfig(
-                    editor.cfg,
-                    batch["layout"],
-                    num_steps=config.policy.num_steps,
-                    k=config.policy.k,
-                    noise_level=config.policy.noise_level,
-                    cfg_scale=config.policy.cfg_scale,
-                    reduce=config.policy.reduce,
-                )
+                policy, sigmas, target_hw = batch_policy(config, editor.cfg, batch["layout"])
                 loss_cfg = config_lib.loss_config(config, policy)
-                sigmas, _ = make_schedule(
-                    SchedulerConfig(), policy.num_steps, target_hw[0] * target_hw[1] // 4
-                )
                 cond = parallel.put_global(batch["cond"], jax.tree.map(lambda _: repl, batch["cond"]))
                 key, rollout_key = jax.random.split(key)
 
@@ -717,4 +716,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as `__main__`, a second copy of the module next to the `cogniedit_jax.train`
+    # that plugins import (their StepConditions, the rule registry): run that one.
+    from cogniedit_jax.train import main as canonical_main
+
+    sys.exit(canonical_main())

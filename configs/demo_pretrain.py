@@ -11,6 +11,8 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # An editor folder to continue from ("": a fresh adaLN-zero init).
+    c.init = ""
     # Pixels folded into channels per side: 24x24 RGB -> 12x12x12 latents -> 36 tokens of 48 features.
     c.fold = 2
     # The MMDiT (models.MMDiTConfig fields); its channels follow from the latents.

@@ -41,6 +41,7 @@ def test_text_encoder_pads_with_zeros_and_refuses_unknown_words():
 def micro_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init = ""
     c.fold = 2
     c.model = dict(num_layers=1, num_attention_heads=1, attention_head_dim=16, joint_attention_dim=16,
                    axes_dims_rope=(4, 6, 6))
@@ -63,6 +64,21 @@ def test_pretrain_writes_an_editor_that_loads_and_edits_the_same(tmp_path):
     again = evaluation.edit_examples(loaded, examples, jax.random.key(10_000), 2)
     first = evaluation.judge_images(again, examples)
     assert evaluation.summarize(first) == h["editor"]
+
+
+def test_pretrain_continues_from_a_saved_editor_of_the_same_architecture(tmp_path):
+    pretrain.train(micro_config(), tmp_path / "first")
+    first = demo.load_editor(tmp_path / "first")
+    c = micro_config()
+    c.init, c.seed, c.train.lr = str(tmp_path / "first"), 1, 0.0  # no step size: the weights carry over as is
+    pretrain.train(c, tmp_path / "again")
+    again = demo.load_editor(tmp_path / "again")
+    for a, b in zip(jax.tree.leaves((first.params, first.text_params)), jax.tree.leaves((again.params,
+                                                                                       again.text_params))):
+        np.testing.assert_array_equal(a, b)
+    c.model.num_layers = 2
+    with pytest.raises(ValueError, match=r"init=.*first: its architecture differs"):
+        pretrain.train(c, tmp_path / "other")
 
 
 def test_shipped_editor_loads_and_generates():

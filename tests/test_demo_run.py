@@ -2,6 +2,8 @@
 through `cogniedit_jax.train`), judged again; summary, curve and grid written."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -20,3 +22,13 @@ def test_demo_run_smoke(tmp_path):
     for name in ("reward_curve.png", "before_after.png", "export/pytorch_lora_weights.safetensors",
                  "export/focus.safetensors"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_train_module_runs_the_demo_config_as_a_script(tmp_path):
+    """`python -m cogniedit_jax.train` runs the file as `__main__` next to the `cogniedit_jax.train` the demo's
+    plugins import: one rule registry and one StepConditions, not two copies that clash."""
+    proc = subprocess.run([sys.executable, "-m", "cogniedit_jax.train", "--config", f"{run.DEFAULT_CONFIG}:smoke",
+                           "--workdir", str(tmp_path), "--config.total_steps=1", "--config.checkpoint.every=1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]

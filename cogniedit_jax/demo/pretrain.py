@@ -76,6 +76,12 @@ def train(config, out: Path) -> dict:
     key = jax.random.key(config.seed)
     key, init_key = jax.random.split(key)
     editor = init_editor(config, init_key)
+    if config.init:  # continue from a saved editor (its weights; the recipe's architecture must match)
+        start = demo.load_editor(config.init)
+        if (start.cfg, start.text_cfg, start.fold) != (editor.cfg, editor.text_cfg, editor.fold):
+            raise ValueError(f"init={config.init}: its architecture differs from this recipe's "
+                             f"({start.cfg} vs {editor.cfg})")
+        editor = dataclasses.replace(editor, params=start.params, text_params=start.text_params)
     tc = config.train
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps)
     optimizer = optax.chain(optax.clip_by_global_norm(tc.clip_norm),

@@ -21,7 +21,7 @@ import numpy as np
 from cogniedit_jax import config as config_lib
 from cogniedit_jax.data import shapes
 from cogniedit_jax.demo import evaluation, plugin
-from cogniedit_jax.metrics import read_metrics
+from cogniedit_jax.metrics import line_chart, read_metrics
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "demo.py")
 
@@ -33,59 +33,53 @@ def heldout(config, ed, examples, lora=None, focus=None):
     return images, evaluation.summarize(evaluation.judge_images(images, examples))
 
 
-def reward_curve(workdir: Path, out: Path, window: int = 10, size=(640, 360), pad: int = 48) -> Path:
-    """The training reward per step (light) and its running mean over `window` steps (dark), drawn with PIL
-    (no plotting library in the dependencies)."""
-    from PIL import Image, ImageDraw
-
+def reward_curve(workdir: Path, out: Path, window: int = 10) -> Path:
+    """The training reward per step (light) and its running mean over `window` steps (dark)."""
     rows = [r for r in read_metrics(workdir) if np.isfinite(r.get("reward_mean", np.nan))]
     steps = np.array([r["step"] for r in rows], np.float64)
     reward = np.array([r["reward_mean"] for r in rows], np.float64)
     smooth = np.convolve(reward, np.ones(window) / window, mode="valid") if len(reward) >= window else reward
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    w, h = size
-    lo, hi = float(reward.min()), float(reward.max()) + 1e-6
-    x0, x1 = float(steps.min()), float(steps.max()) + 1e-6
-
-    def xy(x, y):
-        return [(pad + (a - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (b - lo) / (hi - lo) * (h - 2 * pad))
-                for a, b in zip(x, y)]
-
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    draw.line(xy(steps, reward), fill=(150, 180, 230), width=1)
-    draw.line(xy(steps[len(steps) - len(smooth):], smooth), fill=(20, 60, 160), width=3)
-    draw.text((pad, 8), f"training reward (A + Co + Cs) per step; dark: mean of {window}", fill="black")
-    draw.text((4, pad - 6), f"{hi:.2f}", fill="black")
-    draw.text((4, h - pad - 6), f"{lo:.2f}", fill="black")
-    draw.text((pad, h - pad + 8), f"step {x0:.0f}", fill="black")
-    draw.text((w - pad - 60, h - pad + 8), f"step {x1:.0f}", fill="black")
-    img.save(out)
-    return out
+    return line_chart(out, [{"x": steps, "y": reward, "colour": (150, 180, 230)},
+                            {"x": steps[len(steps) - len(smooth):], "y": smooth, "colour": (20, 60, 160),
+                             "width": 3}],
+                      f"training reward (A + Co + Cs) per step; dark: mean of {window}", "step")
 
 
-def run(config, workdir: Path) -> dict:
+def train_and_judge(config, workdir: Path, ed, examples) -> dict:
+    """Train on the demo (`cogniedit_jax.train`) into `workdir`, then judge the exported LoRA (and focus) on
+    the held-out examples -> {"after": summary, "images": edits, "train": the trainer's result, "seconds"}."""
     from cogniedit_jax.models.lora import load_diffusers_lora
     from cogniedit_jax.models.token_focus import load_focus
     from cogniedit_jax.train import EXPORT_FOLDER, train
 
+    start = time.perf_counter()
+    result = train(config, workdir)
+    seconds = time.perf_counter() - start
+    export = workdir / EXPORT_FOLDER
+    lora = load_diffusers_lora(export, ed.cfg)
+    focus = load_focus(export, ed.cfg) if config.focus.enabled else None
+    images, after = heldout(config, ed, examples, lora, focus)
+    return {"after": after, "images": images, "seconds": seconds,
+            "train": {k: v for k, v in result.items() if not k.startswith("seconds")}}
+
+
+def relative_change(before: dict, after: dict) -> float:
+    return (after["reward_mean"] - before["reward_mean"]) / before["reward_mean"]
+
+
+def run(config, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     ed = plugin.demo_editor(config)
     examples = shapes.make_examples(config.eval.seed, config.eval.num, config.data.combine_p)
     start = time.perf_counter()
     before_images, before = heldout(config, ed, examples)
-    result = train(config, workdir)
-    train_end = time.perf_counter()
-    export = workdir / EXPORT_FOLDER
-    lora = load_diffusers_lora(export, ed.cfg)
-    focus = load_focus(export, ed.cfg) if config.focus.enabled else None
-    after_images, after = heldout(config, ed, examples, lora, focus)
+    trained = train_and_judge(config, workdir, ed, examples)
     summary = {
         "heldout": {"seed": config.eval.seed, "num": config.eval.num, "steps": config.eval.steps},
-        "before": before, "after": after,
-        "relative_change": (after["reward_mean"] - before["reward_mean"]) / before["reward_mean"],
-        "train": {k: v for k, v in result.items() if not k.startswith("seconds")},
-        "seconds": {"total": time.perf_counter() - start, "train": train_end - start},
+        "before": before, "after": trained["after"],
+        "relative_change": relative_change(before, trained["after"]),
+        "train": trained["train"],
+        "seconds": {"total": time.perf_counter() - start, "train": trained["seconds"]},
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     reward_curve(workdir, workdir / "reward_curve.png")
@@ -93,7 +87,7 @@ def run(config, workdir: Path) -> dict:
     render = lambda scenes: np.stack([shapes.render(s) for s in scenes])  # noqa: E731
     evaluation.save_grid(workdir / "before_after.png", [render([ex.source for ex in examples[:n]]),
                                                         render([ex.target for ex in examples[:n]]),
-                                                        before_images[:n], after_images[:n]])
+                                                        before_images[:n], trained["images"][:n]])
     return summary
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+import numpy as np
+
 from cogniedit_jax.sidecar.judge import judge_result
 from cogniedit_jax.sidecar.parsing import JudgeParseError, parse_judge_scores, validate_scores
 
@@ -45,6 +47,17 @@ class RuleJudge:
             except JudgeParseError as e:
                 results.append(judge_result(text, 1, error=str(e)))
         return results
+
+
+def pixel_stats_rule(edited, source, instruction) -> dict:
+    """A rule judge for smoke runs and tests, of pixels only: alignment grows with the edit's redness,
+    consistency with its closeness to the source."""
+    red = float(np.mean(edited[..., 0])) / 255
+    change = float(np.mean(np.abs(edited.astype(np.float32) - source.astype(np.float32)))) / 255
+    return {"alignment": 1 + 4 * red, "coherence": 3.0, "style": 3.0, "consistency": 5 - 4 * change}
+
+
+register_rule_judge("pixel_stats", pixel_stats_rule)
 
 
 def get_rule_judge(spec: str) -> RuleJudge:
