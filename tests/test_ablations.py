@@ -32,12 +32,18 @@ def test_table_gives_mean_and_spread_over_seeds_and_the_change_against_the_base(
     assert "9.000" in rows[ablations.ARMS["standard"][0]] and "-10.0%" in rows[ablations.ARMS["standard"][0]]
 
 
-def test_plot_draws_every_arm(tmp_path):
-    out = ablations.plot([result("full", 0, 11.0), result("standard", 0, 9.0), result("standard", 1, 9.5)],
-                         tmp_path / "curve.png", window=5)
-    img = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
-    for arm in ("full", "standard"):
-        assert (img == ablations.COLOURS[arm]).all(-1).any(), arm
+def drawn(path, arm):
+    return (np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3) == ablations.COLOURS[arm]).all(-1).any()
+
+
+def test_plot_draws_every_arm_and_reads_them_against_the_control(tmp_path):
+    runs = [result("full", 0, 11.0), result("standard", 0, 9.0), result("standard", 1, 9.5)]
+    out = ablations.plot(runs, tmp_path / "curve.png", window=5)
+    assert drawn(out, "full") and drawn(out, "standard")
+    # with a control, arms are drawn as differences from it, and only for the seeds it covers
+    same = dict(result("control", 0, 10.0), curve=runs[0]["curve"])
+    out = ablations.plot([*runs, same], tmp_path / "paired.png", window=5)
+    assert drawn(out, "full") and drawn(out, "standard") and not drawn(out, "control")
 
 
 @pytest.mark.slow  # two short training runs of the demo and their held-out judgements: ~1-2 min on 2 cores

@@ -18,13 +18,25 @@ def test_group_mode_normalises_per_instance():
     np.testing.assert_allclose(compute_advantages(REWARDS, "group"), (REWARDS - mean) / std, rtol=1e-6)
 
 
+def test_group_centered_keeps_a_near_tie_small():
+    """A group whose rewards differ by judge noise keeps small advantages (plain group normalisation would
+    give them +-1.34, like a real difference); instance difficulty still cancels."""
+    rewards = np.array([[10.0, 10.01, 10.02, 10.03], [5.0, 13.0, 5.0, 13.0]], np.float32)
+    centered = rewards - rewards.mean(1, keepdims=True)
+    expected = centered / centered.std()
+    np.testing.assert_allclose(compute_advantages(rewards, "group_centered"), expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected[0]).max() < 0.01
+    np.testing.assert_allclose(compute_advantages(rewards + np.array([[100.0], [0.0]], np.float32),
+                                                  "group_centered"), expected, rtol=1e-3, atol=1e-5)
+
+
 def test_paper_mean_is_one_value_per_instance():
     per_sample = (REWARDS - REWARDS.mean()) / REWARDS.std()
     expected = np.repeat(per_sample.mean(1, keepdims=True), 3, axis=1)
     np.testing.assert_allclose(compute_advantages(REWARDS, "paper_mean"), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["batch", "group", "paper_mean"])
+@pytest.mark.parametrize("mode", ["batch", "group", "group_centered", "paper_mean"])
 def test_constant_rewards_give_zeros(mode):
     for rewards in (np.full((2, 4), 0.1, np.float32), np.full((1, 1), 7.0, np.float32)):
         adv = np.asarray(compute_advantages(rewards, mode))
@@ -36,7 +48,7 @@ def test_group_mode_zero_for_a_constant_group_only():
     np.testing.assert_allclose(compute_advantages(rewards, "group"), [[0, 0], [-1, 1]])
 
 
-@pytest.mark.parametrize("mode", ["batch", "group", "paper_mean"])
+@pytest.mark.parametrize("mode", ["batch", "group", "group_centered", "paper_mean"])
 def test_invalid_rewards_are_left_out(mode):
     valid = np.array([[True, False, True], [True, True, True]])
     adv = np.asarray(compute_advantages(REWARDS, mode, valid))

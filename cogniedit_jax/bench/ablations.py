@@ -37,8 +37,12 @@ ARMS = {
     "full": ("dense GRPO + focus", []),
     "standard": ("w/o dense GRPO (standard GRPO + focus)", ["loss.mode=standard"]),
     "no_focus": ("w/o focus (dense GRPO)", ["focus.enabled=False"]),
+    # The same rollouts and judge calls with a vanishing step size: each training step draws its own instances,
+    # whose difficulty moves the training reward far more than learning does, so the curves are read against
+    # this one (same seed, same instances).
+    "control": ("control: no learning (lr 1e-12)", ["optim.lr=1e-12"]),
 }
-COLOURS = {"full": (20, 60, 160), "standard": (200, 60, 30), "no_focus": (40, 150, 60)}
+COLOURS = {"full": (20, 60, 160), "standard": (200, 60, 30), "no_focus": (40, 150, 60), "control": (150, 90, 170)}
 RESULT_NAME = "result.json"
 
 
@@ -64,23 +68,27 @@ def smoothed(y, window: int) -> np.ndarray:
 
 
 def plot(results: list[dict], out: Path, window: int = 20) -> Path:
-    """Training reward (running mean of `window` steps) vs cumulative training FLOPs: one thin line per seed,
-    a thick one for the mean over seeds, per arm."""
+    """Training reward vs cumulative training FLOPs, running mean of `window` steps: one thin line per seed and a
+    thick one for the mean over seeds, per arm. With control runs, each curve is the difference from the control
+    of its seed (the same instances at every step), which takes the instances' difficulty out."""
+    control = {r["seed"]: np.asarray(r["curve"]["reward"], np.float64) for r in results if r["arm"] == "control"}
     series = []
     for arm in ARMS:
-        runs = [r for r in results if r["arm"] == arm]
+        runs = [r for r in results if r["arm"] == arm and (not control or (arm != "control" and r["seed"] in control))]
         if not runs:
             continue
-        n = min(len(r["curve"]["reward"]) for r in runs)
-        curves = np.stack([smoothed(r["curve"]["reward"][:n], window) for r in runs])
+        n = min(len(r["curve"]["reward"]) for r in runs + [{"curve": {"reward": c}} for c in control.values()])
+        curves = np.stack([smoothed(np.asarray(r["curve"]["reward"][:n]) - (control[r["seed"]][:n] if control else 0),
+                                    window) for r in runs])
         steps = np.asarray(runs[0]["curve"]["step"][:n], np.float64)[n - curves.shape[1]:]
         flops = steps * runs[0]["flops_per_step"]["step"] / 1e12
         light = tuple(int(c + (255 - c) * 0.6) for c in COLOURS[arm])
         series += [{"x": flops, "y": c, "colour": light} for c in curves]
         series.append({"x": flops, "y": curves.mean(0), "colour": COLOURS[arm], "width": 3,
                        "label": f"{ARMS[arm][0]} ({len(runs)} seeds)"})
-    return line_chart(out, series, f"training reward (A + Co + Cs, running mean of {window} steps) vs training "
-                      "FLOPs", "training TFLOPs (matrix products)")
+    what = "training reward minus the control's (same seed and instances)" if control else "training reward"
+    return line_chart(out, series, f"{what}, running mean of {window} steps, vs training FLOPs",
+                      "training TFLOPs (matrix products)")
 
 
 def table(before: dict, results: list[dict]) -> str:

@@ -4,6 +4,9 @@ modes
 - "batch": the paper's batch-level normalisation (section 3.1): (R - mean) / std over all valid B*G rewards,
   population std. One advantage per sample.
 - "group": standard GRPO (eq. 1): the same, with mean and std per instance (row).
+- "group_centered": R minus its instance's mean, over the std of those differences across the batch (Dr.
+  GRPO's point): a group whose rewards differ by judge noise keeps small advantages instead of having them
+  blown up to +-1 by its own tiny std, and instance difficulty still cancels out.
 - "paper_mean": the paper's formula read literally, A^b = (1/G) sum_i (R_bi - mean) / std: one value per
   instance, broadcast over its G samples. (Its mean over i makes every sample of an instance share one
   advantage; we offer it to reproduce the text, "batch" is the default.)
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-MODES = ("batch", "group", "paper_mean")
+MODES = ("batch", "group", "group_centered", "paper_mean")
 # Below this std (reward units: the judge's scores sum to 3..15) rewards count as constant.
 _MIN_STD = 1e-6
 
@@ -44,6 +47,10 @@ def compute_advantages(rewards, mode: str = "batch", valid=None):
         return _normalise(rewards, valid, axis=None)
     if mode == "group":
         return _normalise(rewards, valid, axis=1)
+    if mode == "group_centered":
+        n = jnp.maximum(valid.sum(1, keepdims=True), 1)
+        centered = rewards - jnp.where(valid, rewards, 0.0).sum(1, keepdims=True) / n
+        return _normalise(jnp.where(valid, centered, 0.0), valid, axis=None)
     if mode == "paper_mean":
         per_sample = _normalise(rewards, valid, axis=None)
         n = jnp.maximum(valid.sum(1, keepdims=True), 1)
