@@ -73,6 +73,9 @@ def plot(results: list[dict], out: Path, window: int = 20) -> Path:
     of its seed (the same instances at every step), which takes the instances' difficulty out."""
     control = {r["seed"]: np.asarray(r["curve"]["reward"], np.float64) for r in results if r["arm"] == "control"}
     series = []
+    if control:  # the zero line: no better than the control
+        x = [r["flops_per_step"]["step"] * s / 1e12 for r in results[:1] for s in (window, len(r["curve"]["step"]))]
+        series.append({"x": x, "y": [0.0, 0.0], "colour": (200, 200, 200)})
     for arm in ARMS:
         runs = [r for r in results if r["arm"] == arm and (not control or (arm != "control" and r["seed"] in control))]
         if not runs:
