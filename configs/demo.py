@@ -15,7 +15,7 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 150
+    c.total_steps = 300
     c.updates_per_rollout = 1
     c.stop_after = 0
     c.max_bad_updates = 5
@@ -27,7 +27,7 @@ def get_config(arg=None):
                            "img_mlp.net.2"))
     c.focus = dict(enabled=True, xi=4, predictor_dim=16, train_mode="straight_through")
     c.policy = dict(num_steps=8, k=2, noise_level=0.7, cfg_scale=1.0, reduce="mean")
-    c.loss = dict(mode="dense", clip_eps=1e-3, beta=0.004, advantage_mode="batch")
+    c.loss = dict(mode="dense", clip_eps=1e-3, beta=0.004, advantage_mode="group_centered")
     c.rollout = dict(group_size=8)
     c.data = dict(source="cogniedit_jax.demo.plugin:conditions", batch_size=4, enhanced=False, combine_p=0.2,
                   latent_hw=(0, 0), text_len=0, negative_prompt=False, manifest="", cache_dir="",
