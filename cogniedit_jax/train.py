@@ -288,8 +288,6 @@ def make_conditions(config, editor: Editor):
 # valid [N]).
 
 
-
-
 def make_judge(config) -> tuple[Callable, Callable]:
     """(judge, close)."""
     j = config.judge

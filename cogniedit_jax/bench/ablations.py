@@ -73,14 +73,11 @@ def plot(results: list[dict], out: Path, window: int = 20) -> Path:
     of its seed (the same instances at every step), which takes the instances' difficulty out."""
     control = {r["seed"]: np.asarray(r["curve"]["reward"], np.float64) for r in results if r["arm"] == "control"}
     series = []
-    if control:  # the zero line: no better than the control
-        x = [r["flops_per_step"]["step"] * s / 1e12 for r in results[:1] for s in (window, len(r["curve"]["step"]))]
-        series.append({"x": x, "y": [0.0, 0.0], "colour": (200, 200, 200)})
     for arm in ARMS:
         runs = [r for r in results if r["arm"] == arm and (not control or (arm != "control" and r["seed"] in control))]
         if not runs:
             continue
-        n = min(len(r["curve"]["reward"]) for r in runs + [{"curve": {"reward": c}} for c in control.values()])
+        n = min([len(r["curve"]["reward"]) for r in runs] + [len(c) for c in control.values()])
         curves = np.stack([smoothed(np.asarray(r["curve"]["reward"][:n]) - (control[r["seed"]][:n] if control else 0),
                                     window) for r in runs])
         steps = np.asarray(runs[0]["curve"]["step"][:n], np.float64)[n - curves.shape[1]:]
@@ -89,6 +86,9 @@ def plot(results: list[dict], out: Path, window: int = 20) -> Path:
         series += [{"x": flops, "y": c, "colour": light} for c in curves]
         series.append({"x": flops, "y": curves.mean(0), "colour": COLOURS[arm], "width": 3,
                        "label": f"{ARMS[arm][0]} ({len(runs)} seeds)"})
+    if control:  # the zero line, drawn first: no better than the control
+        xs = np.concatenate([s["x"] for s in series])
+        series.insert(0, {"x": [xs.min(), xs.max()], "y": [0.0, 0.0], "colour": (200, 200, 200)})
     what = "training reward minus the control's (same seed and instances)" if control else "training reward"
     return line_chart(out, series, f"{what}, running mean of {window} steps, vs training FLOPs",
                       "training TFLOPs (matrix products)")
@@ -137,9 +137,10 @@ def main(argv=None) -> int:
     results = [run_arm(args.config, overrides, arm, seed, args.out / arm / f"seed{seed}", ed, examples)
                for arm in arms for seed in seeds]
     (args.out / "ablations.json").write_text(json.dumps({"before": before, "runs": results}, indent=1) + "\n")
-    (args.out / "ablations.md").write_text(table(before, results))
+    report = table(before, results)
+    (args.out / "ablations.md").write_text(report)
     plot(results, args.out / "reward_vs_flops.png")
-    print(table(before, results))
+    print(report)
     return 0
 
 

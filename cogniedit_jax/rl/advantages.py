@@ -50,7 +50,7 @@ def compute_advantages(rewards, mode: str = "batch", valid=None):
     if mode == "group_centered":
         n = jnp.maximum(valid.sum(1, keepdims=True), 1)
         centered = rewards - jnp.where(valid, rewards, 0.0).sum(1, keepdims=True) / n
-        return _normalise(jnp.where(valid, centered, 0.0), valid, axis=None)
+        return _normalise(centered, valid, axis=None)
     if mode == "paper_mean":
         per_sample = _normalise(rewards, valid, axis=None)
         n = jnp.maximum(valid.sum(1, keepdims=True), 1)
