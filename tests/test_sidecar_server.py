@@ -263,7 +263,9 @@ def test_token_is_required(rule_client):
 
 def test_oversized_request_and_image_are_refused_and_serving_goes_on(rule_client):
     big = np.zeros((700, 700, 3), np.uint8)  # 1.47 MB raw: over the 1 MB request limit
-    item = {"edited": encode_image(big), "source": encode_image(big), "instruction": "x"}
+    # One big image (1.96 MB as base64): under twice the limit, which the server reads to the end before it
+    # answers; a larger body is dropped unread, and the client may then see a reset instead of the 413.
+    item = {"edited": encode_image(big), "source": encode_image(images(12, [(8, 8)])[0]), "instruction": "x"}
     status, out = _post(rule_client.url, "/judge", json.dumps({"items": [item]}).encode())
     assert status == 413 and "over the limit of 1048576 (server option --max-request-mb)" in out["error"]
     # The client refuses it before sending, with the same limit (read from /health).
