@@ -400,9 +400,9 @@ def batch_policy(config, model: MMDiTConfig, layout) -> tuple[PolicyConfig, Any,
     return policy, sigmas, target_hw
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7))
-def rollout_step(mesh, policy, frozen, trainable, cond, sigmas, key, group_size):
-    rollout = sample_rollout(policy, frozen, trainable, cond, sigmas, key, group_size)
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8))
+def rollout_step(mesh, policy, frozen, trainable, cond, sigmas, key, group_size, shared_noise):
+    rollout = sample_rollout(policy, frozen, trainable, cond, sigmas, key, group_size, shared_noise)
     return jax.lax.with_sharding_constraint(rollout, rollout_shardings(mesh, rollout))
 
 
@@ -559,7 +559,8 @@ def train(config, workdir) -> dict:
 
                 t0 = time.perf_counter()
                 rollout = jax.block_until_ready(
-                    rollout_step(mesh, policy, editor.params, trainable, cond, sigmas, rollout_key, group)
+                    rollout_step(mesh, policy, editor.params, trainable, cond, sigmas, rollout_key, group,
+                                 config.rollout.shared_noise)
                 )
                 t1 = time.perf_counter()
                 rewards, valid, images = _judge_rows(editor, judge, rollout.final, batch, group, target_hw)

@@ -44,7 +44,7 @@ def get_config(arg=None):
     c.focus = dict(enabled=True, xi=64, predictor_dim=64, train_mode="straight_through")
     c.policy = dict(num_steps=10, k=5, noise_level=0.7, cfg_scale=4.0, reduce="mean")
     c.loss = dict(mode="dense", clip_eps=1e-4, beta=0.004, advantage_mode="batch")
-    c.rollout = dict(group_size=4)
+    c.rollout = dict(group_size=4, shared_noise=False)
     c.data = dict(
         source="cache",
         batch_size=4,

@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.focus = dict(enabled=True, xi=4, predictor_dim=16, train_mode="straight_through")
     c.policy = dict(num_steps=8, k=2, noise_level=0.7, cfg_scale=1.0, reduce="mean")
     c.loss = dict(mode="dense", clip_eps=1e-3, beta=0.004, advantage_mode="group_centered")
-    c.rollout = dict(group_size=8)
+    c.rollout = dict(group_size=8, shared_noise=False)
     c.data = dict(source="cogniedit_jax.demo.plugin:conditions", batch_size=4, enhanced=False, combine_p=0.2,
                   latent_hw=(0, 0), text_len=0, negative_prompt=False, manifest="", cache_dir="",
                   max_text_len=0, target_area=0, num_threads=0, vae_scale=1)

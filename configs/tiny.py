@@ -20,6 +20,7 @@ focus.enabled / xi / predictor_dim / train_mode    token focus (paper 3.2); xi =
 policy.num_steps / k / noise_level / cfg_scale / reduce    the sampling policy (rl.policy.PolicyConfig)
 loss.mode / clip_eps / beta / advantage_mode   "dense" or "standard" GRPO; PPO eps; KL weight; "batch" ...
 rollout.group_size     G samples per instance
+rollout.shared_noise   the G samples share their initial noise: they differ only inside the window
 data.source            "random" (data.latent_hw, data.text_len, data.negative_prompt), "cache" (the items of
                        data.manifest in the cache `python -m cogniedit_jax.prepare` wrote to data.cache_dir;
                        data.max_text_len (0: the cache's longest), data.num_threads, data.vae_scale; prepare
@@ -87,7 +88,7 @@ def get_config(arg=None):
     c.focus = dict(enabled=True, xi=3, predictor_dim=8, train_mode="straight_through")
     c.policy = dict(num_steps=4, k=2, noise_level=0.7, cfg_scale=4.0, reduce="mean")
     c.loss = dict(mode="dense", clip_eps=1e-3, beta=0.004, advantage_mode="batch")
-    c.rollout = dict(group_size=2)
+    c.rollout = dict(group_size=2, shared_noise=False)
     c.data = dict(
         source="random",
         batch_size=4,

@@ -103,6 +103,19 @@ def test_rollout_window_and_rewards(world):
     assert not np.allclose(other.final, rollout.final)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_noise_makes_the_window_the_only_difference_within_a_group(world, shared):
+    params, cond, sigmas, trainable = world
+    policy = PolicyConfig(MODEL, LAYOUT, num_steps=STEPS, k=2, cfg_scale=3.0)
+    rollout = jax.jit(sample_rollout, static_argnums=(0, 6, 7))(
+        policy, params, trainable, cond, sigmas, jax.random.key(0), GROUP, shared)
+    start, after = np.asarray(rollout.start), np.asarray(rollout.next_states[0])
+    # rows 0, 1: the two samples of instance 0; rows 0, 2: different instances
+    assert np.array_equal(start[0], start[1]) == shared
+    assert not np.allclose(after[0], after[1])  # the window's noise is each sample's own
+    assert not np.allclose(start[0], start[2])
+
+
 def test_invalid_samples_are_left_out(world):
     params, _, _, trainable = world
     rollout, policy = make_rollout(world, 3)

@@ -66,7 +66,8 @@ def training_step_flops(config) -> dict:
                                      optim, mesh, key), jax.random.key(0))
 
     def rollout_of(t, cond, key):
-        return sample_rollout(policy, editor.params, t, cond, sigmas, key, config.rollout.group_size)
+        return sample_rollout(policy, editor.params, t, cond, sigmas, key, config.rollout.group_size,
+                              config.rollout.shared_noise)
 
     key = jax.random.key(0)
     rollout = matmul_flops(rollout_of, trainable, batch["cond"], key)

@@ -51,11 +51,18 @@ def repeat_rows(tree, times: int):
 
 
 def sample_rollout(
-    policy: PolicyConfig, params, trainable: Trainable, cond: EditCondition, sigmas, key, group_size: int
+    policy: PolicyConfig, params, trainable: Trainable, cond: EditCondition, sigmas, key, group_size: int,
+    shared_noise: bool = False,
 ) -> Rollout:
     """G = group_size samples for each of the B instances in `cond`. Pure: jit it with `policy` and
     `group_size` static. sigmas [T + 1] with T = policy.num_steps. The window start r ~ Uniform{0..T-k}
-    is drawn per instance (Algorithm 1, line 7) and shared by its G samples."""
+    is drawn per instance (Algorithm 1, line 7) and shared by its G samples.
+
+    shared_noise: the G samples of an instance also share their initial noise, so they reach x_r together
+    ("initialize x_r^{b,1:G}", line 7) and differ only by the window's SDE noise. The ODE steps outside the
+    window are deterministic, so every reward difference within a group is then caused by the very steps
+    whose log-densities the loss weighs; with independent initial noise most of it comes from the start,
+    which the loss cannot credit, and only adds variance to the gradient."""
     steps, k = policy.num_steps, policy.k
     if np.shape(sigmas) != (steps + 1,):
         raise ValueError(f"sigmas of shape {np.shape(sigmas)}: expected ({steps + 1},) for num_steps={steps}")
@@ -63,7 +70,9 @@ def sample_rollout(
     rows = batch * group_size
     key_noise, key_window, key_steps = jax.random.split(key, 3)
     tokens = policy.layout[0][1] * policy.layout[0][2]
-    noise = jax.random.normal(key_noise, (rows, tokens, policy.model.in_channels))
+    noise = jax.random.normal(key_noise, (batch if shared_noise else rows, tokens, policy.model.in_channels))
+    if shared_noise:
+        noise = jnp.repeat(noise, group_size, axis=0)
     r = jnp.repeat(jax.random.randint(key_window, (batch,), 0, steps - k + 1), group_size)
     i = jnp.arange(steps)[:, None]
     levels = jnp.where((i >= r) & (i < r + k), policy.noise_level, 0.0)
