@@ -464,7 +464,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw):
+def judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw):
     """Decode and judge this host's rows of the rollout -> (rewards [N], valid [N], images [N, H, W, 3] of
     this host's rows). A judge that raises marks its rows invalid."""
     index, rows = parallel.local_rows(final)
@@ -486,7 +486,7 @@ def _judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw
     return all_rewards, all_valid, images
 
 
-def _gather_batch(batch: dict) -> dict:
+def gather_batch(batch: dict) -> dict:
     """The global batch on every process from each one's rows (the layout is one bucket's, shared)."""
     arrays = parallel.gather_hosts({k: batch[k] for k in ("cond", "sources", "valid")})
     return {**batch, **arrays, "instructions": parallel.gather_texts(batch["instructions"])}
@@ -551,7 +551,7 @@ def train(config, workdir) -> dict:
     try:
         with stop.installed():
             while step < end and stop.received is None:
-                batch = _gather_batch(next(batches))
+                batch = gather_batch(next(batches))
                 policy, sigmas, target_hw = batch_policy(config, editor.cfg, batch["layout"])
                 loss_cfg = config_lib.loss_config(config, policy)
                 cond = parallel.put_global(batch["cond"], jax.tree.map(lambda _: repl, batch["cond"]))
@@ -563,7 +563,7 @@ def train(config, workdir) -> dict:
                                  config.rollout.shared_noise)
                 )
                 t1 = time.perf_counter()
-                rewards, valid, images = _judge_rows(editor, judge, rollout.final, batch, group, target_hw)
+                rewards, valid, images = judge_rows(editor, judge, rollout.final, batch, group, target_hw)
                 rollout = judge_rollout(
                     rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode
                 )
