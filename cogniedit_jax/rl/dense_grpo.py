@@ -17,9 +17,8 @@ being the same model with LoRA and focus off; for two Gaussians of equal std the
 "standard" mode is Flow-GRPO (eqs. 2/4): each step starts from the stored state (no path between steps),
 per-step ratios are clipped and the objectives averaged over the window.
 
-Each step is rematerialised, so memory does not grow with k, unless the model's remat_policy is "none": then
-the window keeps its activations and the backward pass does not re-run the forward (-21 % of the demo's step
-FLOPs). The step arithmetic is fp32 whatever the model's dtype (`config.at_least_f32`).
+Every step is rematerialised, so memory does not grow with k; the step arithmetic is fp32 whatever the
+model's dtype (`config.at_least_f32`).
 """
 
 from __future__ import annotations
@@ -118,8 +117,7 @@ def window_log_probs(trainable: Trainable, frozen, rollout: Rollout, cfg: LossCo
         stored,
         network_states,
     )
-    scan_step = step if policy.model.remat_policy == "none" else jax.checkpoint(step)
-    _, (log_probs, kl, states) = jax.lax.scan(scan_step, rollout.start, inputs)
+    _, (log_probs, kl, states) = jax.lax.scan(jax.checkpoint(step), rollout.start, inputs)
     return log_probs, kl, states
 
 
