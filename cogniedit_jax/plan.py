@@ -209,11 +209,12 @@ def plan(config, layers: int | None = None) -> dict:
     seq = text_len(config) + sum(math.prod(shape) for shape in policy.layout)
 
     t0 = time.perf_counter()
-    compiled = train.rollout_step.lower(mesh, policy, frozen, trainable, cond, sigmas, key, group).compile()
+    shared = config.rollout.shared_noise
+    compiled = train.rollout_step.lower(mesh, policy, frozen, trainable, cond, sigmas, key, group, shared).compile()
     out["rollout"], out["rollout_seconds"] = memory_row(compiled, seq), time.perf_counter() - t0
 
     rollout = jax.eval_shape(
-        lambda *a: train.rollout_step(mesh, policy, *a, group), frozen, trainable, cond, sigmas, key
+        lambda *a: train.rollout_step(mesh, policy, *a, group, shared), frozen, trainable, cond, sigmas, key
     )
     rollout = abstract_like(rollout, train.rollout_shardings(mesh, rollout))
     loss_cfg = config_lib.loss_config(config, policy)
