@@ -464,7 +464,7 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw):
+def _judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw):
     """Decode and judge this host's rows of the rollout -> (rewards [N], valid [N], images [N, H, W, 3] of
     this host's rows). A judge that raises marks its rows invalid."""
     index, rows = parallel.local_rows(final)
@@ -486,10 +486,46 @@ def judge_rows(editor: Editor, judge, final, batch: dict, group: int, target_hw)
     return all_rewards, all_valid, images
 
 
-def gather_batch(batch: dict) -> dict:
+def _gather_batch(batch: dict) -> dict:
     """The global batch on every process from each one's rows (the layout is one bucket's, shared)."""
     arrays = parallel.gather_hosts({k: batch[k] for k in ("cond", "sources", "valid")})
     return {**batch, **arrays, "instructions": parallel.gather_texts(batch["instructions"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgedRollout:
+    """One step's samples before its updates: the global batch, the rollout with rewards and advantages (laid
+    out for the update), the loss config of its policy, the rewards and validity [N], this host's decoded
+    images, and the seconds spent sampling and judging."""
+
+    batch: dict
+    rollout: Rollout
+    loss_cfg: Any
+    rewards: np.ndarray
+    valid: np.ndarray
+    images: np.ndarray
+    seconds_rollout: float
+    seconds_judge: float
+
+
+def judged_rollout(config, editor: Editor, judge, mesh, trainable, host_batch: dict, key) -> JudgedRollout:
+    """Sample a step's batch (this process's rows: `host_batch`) under `trainable`, judge it and attach the
+    advantages: what a training step does before its updates."""
+    group = config.rollout.group_size
+    batch = _gather_batch(host_batch)
+    policy, sigmas, target_hw = batch_policy(config, editor.cfg, batch["layout"])
+    repl = parallel.replicated(mesh)
+    cond = parallel.put_global(batch["cond"], jax.tree.map(lambda _: repl, batch["cond"]))
+    t0 = time.perf_counter()
+    rollout = jax.block_until_ready(
+        rollout_step(mesh, policy, editor.params, trainable, cond, sigmas, key, group, config.rollout.shared_noise)
+    )
+    t1 = time.perf_counter()
+    rewards, valid, images = _judge_rows(editor, judge, rollout.final, batch, group, target_hw)
+    rollout = judge_rollout(rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode)
+    rollout = jax.device_put(rollout, rollout_shardings(mesh, rollout))
+    return JudgedRollout(batch, rollout, config_lib.loss_config(config, policy), rewards, valid, images,
+                         t1 - t0, time.perf_counter() - t1)
 
 
 def train(config, workdir) -> dict:
@@ -551,28 +587,14 @@ def train(config, workdir) -> dict:
     try:
         with stop.installed():
             while step < end and stop.received is None:
-                batch = gather_batch(next(batches))
-                policy, sigmas, target_hw = batch_policy(config, editor.cfg, batch["layout"])
-                loss_cfg = config_lib.loss_config(config, policy)
-                cond = parallel.put_global(batch["cond"], jax.tree.map(lambda _: repl, batch["cond"]))
                 key, rollout_key = jax.random.split(key)
-
-                t0 = time.perf_counter()
-                rollout = jax.block_until_ready(
-                    rollout_step(mesh, policy, editor.params, trainable, cond, sigmas, rollout_key, group,
-                                 config.rollout.shared_noise)
-                )
-                t1 = time.perf_counter()
-                rewards, valid, images = judge_rows(editor, judge, rollout.final, batch, group, target_hw)
-                rollout = judge_rollout(
-                    rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode
-                )
-                rollout = jax.device_put(rollout, rollout_shardings(mesh, rollout))
+                sampled = judged_rollout(config, editor, judge, mesh, trainable, next(batches), rollout_key)
+                batch, rewards, valid, images = sampled.batch, sampled.rewards, sampled.valid, sampled.images
                 t2 = time.perf_counter()
                 updates = []
                 for _ in range(config.updates_per_rollout):
                     trainable, opt_state, m = update_step(
-                        optim, loss_cfg, trainable, opt_state, editor.params, rollout
+                        optim, sampled.loss_cfg, trainable, opt_state, editor.params, sampled.rollout
                     )
                     updates.append(jax.device_get(m))
                 t3 = time.perf_counter()
@@ -600,8 +622,8 @@ def train(config, workdir) -> dict:
                     "invalid_rewards": int((~valid).sum()),
                     "skipped_updates": finite.count(False),
                     "bad_examples": int((~np.asarray(batch["valid"])).sum()),
-                    "seconds_rollout": t1 - t0,
-                    "seconds_judge": t2 - t1,
+                    "seconds_rollout": sampled.seconds_rollout,
+                    "seconds_judge": sampled.seconds_judge,
                     "seconds_update": t3 - t2,
                 }
                 if writer is not None:

@@ -24,7 +24,6 @@ import numpy as np
 
 from cogniedit_jax import config as config_lib, parallel, train
 from cogniedit_jax.demo import run as demo_run
-from cogniedit_jax.rl.rollout import judge_rollout
 
 
 def pairwise_cosine(grads: np.ndarray) -> tuple[float, float]:
@@ -51,20 +50,14 @@ def step_gradients(config, batches: int) -> tuple[np.ndarray, np.ndarray]:
     trainable, _ = train.init_state(editor.cfg, config_lib.lora_config(config), config_lib.focus_config(config),
                                     train.OptimSpec.from_config(config), mesh, init_key)
     grad_of = jax.jit(train.loss_and_grad, static_argnums=0)
-    group = config.rollout.group_size
     grads, spreads = [], []
     try:
         for _ in range(batches):
-            batch = train.gather_batch(next(conditions))
-            policy, sigmas, target_hw = train.batch_policy(config, editor.cfg, batch["layout"])
             key, rollout_key = jax.random.split(key)
-            rollout = train.rollout_step(mesh, policy, editor.params, trainable, batch["cond"], sigmas, rollout_key,
-                                         group, config.rollout.shared_noise)
-            rewards, valid, _ = train.judge_rows(editor, judge, rollout.final, batch, group, target_hw)
-            rollout = judge_rollout(rollout, lambda _: (rewards, valid), group, config.loss.advantage_mode)
-            _, grad = grad_of(config_lib.loss_config(config, policy), trainable, editor.params, rollout)
+            sampled = train.judged_rollout(config, editor, judge, mesh, trainable, next(conditions), rollout_key)
+            _, grad = grad_of(sampled.loss_cfg, trainable, editor.params, sampled.rollout)
             grads.append(np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)]))
-            spreads.append(float(np.mean(rewards.reshape(-1, group).std(1))))
+            spreads.append(float(np.mean(sampled.rewards.reshape(-1, config.rollout.group_size).std(1))))
     finally:
         close_judge()
     return np.stack(grads), np.array(spreads)
